@@ -1,0 +1,39 @@
+# bnp: run `make help` for the list of targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export WANDB_ERROR_REPORTING ?= false
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+setup: $(STAMP) ## create .venv and install bnp (editable) with dev extras; instant when nothing changed
+
+test: setup ## run the fast test suite
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup ## run every test, including those marked slow
+	$(PY) -m pytest -q
+
+bench: setup ## time plain SGD vs SGD+BNP steps (prints ratios)
+	$(PY) benchmarks/bench_step.py
+
+run: setup ## quickstart run (arrives with the runner)
+	@echo "make run arrives with the runner (bnp.train); see README" && exit 1
+
+clean: ## remove caches (keeps .venv and results)
+	rm -rf .pytest_cache **/__pycache__
+
+.PHONY: help setup test test-all bench run clean

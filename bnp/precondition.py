@@ -1,0 +1,329 @@
+"""BNP: Batch Normalization Preconditioning of layer gradients.
+
+For every tracked dense / convolutional layer ``h = W a + b`` the preconditioner keeps running
+statistics (mean ``mu``, variance ``sigma2``) of the layer's *inputs* and, before the optimizer
+step, replaces the gradients ``(G, g) = (dL/dW, dL/db)`` by
+
+    G_tilde = (G - g mu^T) / (sigma2 + eps)
+    g_tilde = g - G_tilde mu
+
+which is exactly the gradient step the layer would take if its inputs were centered and scaled
+(Lange, Helfrich & Ye, JMLR 2022; see docs/bnp-method.md). Convolutions use one mean / variance per
+input channel, pooled over batch and space, repeated over the kernel window.
+
+Usage::
+
+    pre = BNP(model)
+    loss.backward(); pre.step(); optimizer.step()
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+TRACKED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class LayerStats(NamedTuple):
+    """Running input statistics of one tracked layer (copies, float32 or float64)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    batches: int  # training forward passes seen; 0 means not initialized yet
+
+
+class _Layer:
+    """One tracked module: where its statistics live in the flat buffers and how they map onto W.
+
+    The weight is viewed as (groups, out_per_group, in_per_group, kernel_size) so that Linear
+    (groups=1, kernel_size=1), convolutions and grouped convolutions share one code path.
+    """
+
+    def __init__(self, name: str, module: nn.Module, offset: int):
+        weight = module.weight
+        self.name = name
+        self.module = module
+        self.is_conv = isinstance(module, nn.modules.conv._ConvNd)
+        self.groups = module.groups if self.is_conv else 1
+        self.features = module.in_channels if self.is_conv else module.in_features
+        self.out_per_group = weight.shape[0] // self.groups
+        self.in_per_group = self.features // self.groups
+        self.kernel_size = math.prod(weight.shape[2:]) if self.is_conv else 1
+        self.spatial_dims = weight.dim() - 2  # 0 for Linear
+        self.offset = offset
+        self.batches = 0
+        self.handle = None
+        # views into the flat buffers, set by BNP._bind
+        self.mean = self.var = self.mean4 = self.inv4 = None
+
+    @property
+    def weight_shape4(self) -> tuple[int, int, int, int]:
+        return (self.groups, self.out_per_group, self.in_per_group, self.kernel_size)
+
+    def bias(self) -> torch.Tensor | None:
+        bias = getattr(self.module, "bias", None)
+        return bias if bias is not None and bias.requires_grad else None
+
+    def describe(self) -> str:
+        kind = type(self.module).__name__
+        extra = f", groups={self.groups}" if self.groups > 1 else ""
+        bias = "" if self.bias() is not None else ", no bias"
+        return f"{self.name}: {kind}(in={self.features}{extra}{bias})"
+
+
+def _check_options(momentum: Any, eps: Any, warmup: Any, center: Any, scale: Any) -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+        raise ValueError(f"BNP: momentum must be a number in (0, 1], got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"BNP: eps must be a finite number > 0, got {eps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"BNP: warmup must be an integer >= 0 (steps), got {warmup!r}")
+    for label, value in (("center", center), ("scale", scale)):
+        if not isinstance(value, bool):
+            raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf Linear / Conv{1,2,3}d modules with a trainable weight, by qualified name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, TRACKED_TYPES)
+        and not any(True for _ in module.children())
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.requires_grad
+    }
+
+
+def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(type(module).__name__, pattern)
+
+
+class BNP:
+    """Batch Normalization Preconditioner for every Linear / Conv layer of ``model``.
+
+    Args (keyword-only):
+        momentum: weight of the new batch in the running statistics (PyTorch BatchNorm
+            convention), in (0, 1].
+        eps: variance floor added to the running variance before dividing; > 0.
+        warmup: number of ``step()`` calls that leave gradients unchanged while statistics
+            accumulate (useful at batch size 1, where the first variance is 0).
+        center: subtract the running mean (needs a bias to absorb it; bias-free layers only scale).
+        scale: divide by the running variance + eps.
+        skip: module-name or class-name patterns (``fnmatch`` globs) of layers to leave alone,
+            e.g. ``("fc_out",)`` or ``("head.*", "Conv1d")``. Each pattern must match a layer.
+
+    Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
+    model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it after ``backward()`` (after
+    ``scaler.unscale_(optimizer)`` with AMP) and before ``optimizer.step()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        momentum: float = 0.1,
+        eps: float = 1e-2,
+        warmup: int = 0,
+        center: bool = True,
+        scale: bool = True,
+        skip: str | Iterable[str] = (),
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_options(momentum, eps, warmup, center, scale)
+        patterns = (skip,) if isinstance(skip, str) else tuple(skip)
+        candidates = _candidates(model)
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise ValueError(f"BNP: skip patterns must be strings, got {pattern!r}")
+            if not any(_matches(pattern, n, m) for n, m in candidates.items()):
+                raise ValueError(
+                    f"BNP: skip pattern {pattern!r} matches no layer; "
+                    f"layers that can be skipped: {sorted(candidates)}"
+                )
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.warmup = warmup
+        self.center = center
+        self.scale = scale
+        self.skip = patterns
+        self.steps = 0  # number of step() calls so far
+
+        self._layers: list[_Layer] = []
+        offset = 0
+        for name, module in candidates.items():
+            if any(_matches(p, name, module) for p in patterns):
+                continue
+            layer = _Layer(name, module, offset)
+            offset += layer.features
+            self._layers.append(layer)
+        if not self._layers:
+            raise ValueError(
+                "BNP: nothing to precondition: the model has no Linear/Conv1d/2d/3d layer with a "
+                f"trainable weight left after skip={list(patterns)}"
+            )
+        device = self._layers[0].module.weight.device
+        # float32 statistics and arithmetic for every model dtype, float64 for float64 models
+        wide = any(layer.module.weight.dtype == torch.float64 for layer in self._layers)
+        dtype = torch.float64 if wide else torch.float32
+        # All statistics live in two flat buffers (mean, var); each layer holds views into them.
+        self._mean = torch.zeros(offset, dtype=dtype, device=device)
+        self._var = torch.zeros(offset, dtype=dtype, device=device)
+        self._inv = torch.ones(offset, dtype=dtype, device=device)  # scratch: 1/(var+eps)
+        self._bind()
+        for layer in self._layers:
+            layer.handle = layer.module.register_forward_pre_hook(self._make_hook(layer))
+
+    # ------------------------------------------------------------------ statistics
+    def _bind(self) -> None:
+        for layer in self._layers:
+            sl = slice(layer.offset, layer.offset + layer.features)
+            layer.mean, layer.var = self._mean[sl], self._var[sl]
+            shape = (layer.groups, 1, layer.in_per_group, 1)
+            layer.mean4 = layer.mean.view(shape)
+            layer.inv4 = self._inv[sl].view(shape)
+
+    def _to(self, device: torch.device) -> None:
+        self._mean = self._mean.to(device)
+        self._var = self._var.to(device)
+        self._inv = self._inv.to(device)
+        self._bind()
+
+    def _make_hook(self, layer: _Layer):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if module.training and args:
+                self._observe(layer, args[0])
+
+        return hook
+
+    @torch.no_grad()
+    def _observe(self, layer: _Layer, x: torch.Tensor) -> None:
+        """Fold one batch of layer inputs into the running statistics (spec recurrences)."""
+        x = x.detach()
+        if x.device != self._mean.device:
+            self._to(x.device)
+        if layer.is_conv:
+            if x.dim() == layer.spatial_dims + 1:  # unbatched (C, *spatial)
+                x = x.unsqueeze(0)
+            dims = (0, *range(2, x.dim()))
+        else:
+            x = x.reshape(-1, layer.features)
+            dims = (0,)
+        batch_var, batch_mean = torch.var_mean(x.to(self._mean.dtype), dim=dims, correction=0)
+        if layer.batches == 0:
+            layer.mean.copy_(batch_mean)
+            layer.var.copy_(batch_var)
+        else:
+            layer.mean.lerp_(batch_mean, self.momentum)
+            # mean_B((a - mu)^2) = var_B + (m_B - mu)^2, with mu the already-updated running mean:
+            # one pass over the batch gives both the mean and the squared deviation.
+            diff = batch_mean - layer.mean
+            layer.var.lerp_(batch_var.addcmul_(diff, diff), self.momentum)
+        layer.batches += 1
+
+    # ------------------------------------------------------------------ preconditioning
+    @torch.no_grad()
+    def step(self) -> None:
+        """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient."""
+        self.steps += 1
+        if self.steps <= self.warmup:
+            return
+        if self.scale:
+            torch.add(self._var, self.eps, out=self._inv).reciprocal_()
+        for layer in self._layers:
+            if layer.batches:
+                self._precondition(layer)
+
+    def _precondition(self, layer: _Layer) -> None:
+        grad = layer.module.weight.grad
+        if grad is None:
+            return
+        bias = layer.bias()
+        bias_grad = bias.grad if bias is not None else None
+        center = self.center and bias_grad is not None
+        # float32 (or float64), contiguous working copies only where needed (low-precision or
+        # channels-last grads); otherwise the gradient is edited in place.
+        dtype = self._mean.dtype
+        G = grad.to(dtype, memory_format=torch.contiguous_format)
+        G4 = G.view(layer.weight_shape4)
+        if center:
+            g = bias_grad.to(dtype)
+            G4.addcmul_(g.view(layer.groups, layer.out_per_group, 1, 1), layer.mean4, value=-1)
+        if self.scale:
+            G4.mul_(layer.inv4)
+        if center:
+            # g_tilde = g - G_tilde mu; the kernel window shares its channel's mu, so sum it first.
+            G3 = G4.sum(3) if layer.kernel_size > 1 else G4.view(layer.weight_shape4[:3])
+            g.view(layer.groups, layer.out_per_group, 1).baddbmm_(
+                G3, layer.mean.view(layer.groups, layer.in_per_group, 1), alpha=-1
+            )
+            if g is not bias_grad:
+                bias_grad.copy_(g)
+        if G is not grad:
+            grad.copy_(G)
+
+    # ------------------------------------------------------------------ introspection & state
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the tracked layers, in model order."""
+        return [layer.name for layer in self._layers]
+
+    def _layer(self, name: str) -> _Layer:
+        for layer in self._layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"BNP: no tracked layer named {name!r}; tracked: {self.names}")
+
+    def stats(self, name: str) -> LayerStats:
+        """Current running mean and variance of the inputs of layer ``name`` (copies)."""
+        layer = self._layer(name)
+        return LayerStats(layer.mean.clone(), layer.var.clone(), layer.batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "layers": {
+                layer.name: {"mean": layer.mean.clone(), "var": layer.var.clone(), "batches": layer.batches}
+                for layer in self._layers
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layers = state["layers"]
+        missing = sorted(set(self.names) - set(layers))
+        unexpected = sorted(set(layers) - set(self.names))
+        if missing or unexpected:
+            raise KeyError(f"BNP.load_state_dict: missing layers {missing}, unexpected layers {unexpected}")
+        for layer in self._layers:
+            saved = layers[layer.name]
+            if saved["mean"].shape != layer.mean.shape:
+                raise ValueError(
+                    f"BNP.load_state_dict: layer {layer.name!r} has {layer.features} input features, "
+                    f"the saved state has {saved['mean'].numel()}"
+                )
+            layer.mean.copy_(saved["mean"])
+            layer.var.copy_(saved["var"])
+            layer.batches = int(saved["batches"])
+        self.steps = int(state["steps"])
+
+    def remove(self) -> None:
+        """Detach the forward hooks; the model is left exactly as it was."""
+        for layer in self._layers:
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+
+    def __repr__(self) -> str:
+        options = (
+            f"momentum={self.momentum}, eps={self.eps}, warmup={self.warmup}, "
+            f"center={self.center}, scale={self.scale}, skip={list(self.skip)}"
+        )
+        layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
+        return f"BNP({options}, layers={len(self._layers)}):{layers}"
