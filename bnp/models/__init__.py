@@ -1,7 +1,26 @@
 """Model zoo: every model takes the normalization kind and builds its own norm layers."""
 
+from torch import nn
+
+from bnp.config import ModelConfig
 from bnp.models.cnn import CNN
 from bnp.models.mlp import MLP
 from bnp.models.norm import NORMS, make_norm
+from bnp.models.resnet import CIFAR_DEPTHS, CifarResNet, resnet18
 
-__all__ = ["CNN", "MLP", "NORMS", "make_norm"]
+__all__ = ["CNN", "MLP", "NORMS", "CifarResNet", "build_model", "make_norm", "resnet18"]
+
+
+def build_model(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The configured model for inputs of ``shape`` (C, H, W) and ``classes`` outputs."""
+    if cfg.name == "mlp":
+        features = 1
+        for s in shape:
+            features *= s
+        return MLP(features, classes, depth=cfg.depth, width=cfg.width, activation_name=cfg.activation, norm=norm)
+    if cfg.name == "cnn":
+        return CNN(shape[0], classes, channels=tuple(cfg.channels), convs_per_stage=cfg.convs_per_stage,
+                   activation_name=cfg.activation, norm=norm)
+    if cfg.arch == "resnet18":
+        return resnet18(shape[0], classes, norm)
+    return CifarResNet(CIFAR_DEPTHS[cfg.arch], shape[0], classes, norm)

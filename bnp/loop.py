@@ -1,0 +1,255 @@
+"""The training loop: plain PyTorch, testable without Hydra.
+
+One loop for every model, normalization and batch size. The dataset lives on the device; each
+epoch is one shuffled copy sliced into batches (the last incomplete batch is dropped). The host
+syncs only at log and eval points. Checkpoints are written at every evaluation and on SIGINT /
+SIGTERM (at a step boundary); resuming restores everything, including the position in the epoch,
+the metric accumulators and the random generators, so a resumed CPU run ends with exactly the
+metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from bnp import BNP
+from bnp.config import TrainConfig
+from bnp.data import Data, augment_batch
+from bnp.log import RunLog
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal after saving a resumable checkpoint."""
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (BN uses running statistics, BNP hooks idle)."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, len(x), batch_size):
+        with autocast():
+            logits = model(x[i : i + batch_size])
+        loss += F.cross_entropy(logits.float(), y[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
+    model.train(was_training)
+    return loss.item() / len(x), correct.item() / len(x)
+
+
+class Trainer:
+    def __init__(self, model, data: Data, optimizer, scheduler, pre: BNP | None, cfg: TrainConfig,
+                 device: torch.device, log: RunLog, checkpoint: Path, precision: str = "fp32"):
+        self.model, self.data, self.optimizer, self.scheduler, self.pre = model, data, optimizer, scheduler, pre
+        self.cfg, self.device, self.log, self.checkpoint = cfg, device, log, Path(checkpoint)
+        self.batch_size = cfg.batch_size
+        self.steps_per_epoch = len(data.train_x) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size={cfg.batch_size} is larger than the training set ({len(data.train_x)} samples)"
+            )
+        self.total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        # progress (all of it goes into the checkpoint)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # since the last log row
+        self.loss_count = 0
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)  # prequential: samples predicted
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)  # ... and predicted right
+        self.best_val_acc, self.best_step, self.test_at_best = -1.0, 0, None
+        self.last_train_loss, self.last_eval = None, {}
+        self.status = "running"
+        self._stop_signal = None
+        self._epoch_cache = (-1, None, None)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "pre": self.pre.state_dict() if self.pre else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "aug_gen": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "progress": {
+                "step": self.step, "train_seconds": self.train_seconds, "loss_sum": self.loss_sum.item(),
+                "loss_count": self.loss_count, "seen": self.seen.item(), "correct": self.correct.item(),
+                "best_val_acc": self.best_val_acc, "best_step": self.best_step, "test_at_best": self.test_at_best,
+                "last_train_loss": self.last_train_loss, "last_eval": self.last_eval,
+            },
+            "metrics_offset": self.log.offset(),
+        }
+
+    def save(self) -> None:
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, self.checkpoint)  # atomic: a kill never leaves a torn checkpoint
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one; True if training continues from it."""
+        if not self.checkpoint.exists():
+            return False
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.pre is not None:
+            self.pre.load_state_dict(state["pre"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.aug_gen.set_state(state["aug_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        p = state["progress"]
+        self.step, self.train_seconds, self.loss_count = p["step"], p["train_seconds"], p["loss_count"]
+        self.loss_sum.fill_(p["loss_sum"])
+        self.seen.fill_(p["seen"])
+        self.correct.fill_(p["correct"])
+        self.best_val_acc, self.best_step, self.test_at_best = p["best_val_acc"], p["best_step"], p["test_at_best"]
+        self.last_train_loss, self.last_eval = p["last_train_loss"], p["last_eval"]
+        self.log.truncate(state["metrics_offset"])
+        return True
+
+    # ------------------------------------------------------------------ data
+    def _epoch_data(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set shuffled for ``epoch`` (seeded by train.seed and the epoch alone)."""
+        if self._epoch_cache[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.data.train_x), generator=gen).to(self.device)
+            self._epoch_cache = (epoch, self.data.train_x[order], self.data.train_y[order])
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        x_all, y_all = self._epoch_data(epoch)
+        start = position * self.batch_size
+        x, y = x_all[start : start + self.batch_size], y_all[start : start + self.batch_size]
+        if self.data.augment:
+            x = augment_batch(x, self.aug_gen)
+        return x, y
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        # prequential (predict, then train): these predictions come before this step's update
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+        self.loss_sum += loss.detach()
+        self.loss_count += 1
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.pre is not None:
+            self.pre.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+
+    def _log_train(self, samples_per_s: float) -> bool:
+        """Write a train row; False if the loss is no longer finite (diverged)."""
+        loss = self.loss_sum.item() / max(1, self.loss_count)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        self.last_train_loss = loss
+        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
+               "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s,
+               "prequential_acc": self.correct.item() / max(1, self.seen.item())}
+        self.log.log(row)
+        return math.isfinite(loss)
+
+    def _evaluate(self) -> bool:
+        d, bs = self.data, self.cfg.eval_batch_size
+        val_loss, val_acc = evaluate(self.model, d.val_x, d.val_y, bs, self.autocast)
+        test_loss, test_acc = evaluate(self.model, d.test_x, d.test_y, bs, self.autocast)
+        self.last_eval = {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
+        self.log.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.last_eval})
+        if val_acc > self.best_val_acc:
+            self.best_val_acc, self.best_step, self.test_at_best = val_acc, self.step, test_acc
+        return math.isfinite(val_loss)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self, progress=None) -> dict:
+        """Train to ``total_steps`` (from wherever the state is); returns the summary fields."""
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread may install handlers
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        self.model.train()
+        try:
+            self._run(progress)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        return self.summary()
+
+    def _run(self, progress) -> None:
+        cfg, sync = self.cfg, (torch.cuda.synchronize if self.device.type == "cuda" else lambda: None)
+        if self.step == 0 and not self.log_has_start():
+            self._evaluate()  # the untrained model, step 0
+        tick, samples = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            x, y = self.batch(self.step)
+            self.train_step(x, y)
+            self.step += 1
+            samples += len(y)
+            at_log = self.step % cfg.log_every == 0 or self.step == self.total_steps
+            at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
+            if at_log or at_eval or self._stop_signal is not None:
+                sync()
+                now = time.perf_counter()
+                self.train_seconds += now - tick
+                finite = self._log_train(samples / max(now - tick, 1e-9)) if at_log else True
+                if finite and at_eval:
+                    finite = self._evaluate()
+                if not finite:
+                    self.status = "diverged"
+                    return
+                if at_eval or self._stop_signal is not None:
+                    self.save()
+                if progress is not None:
+                    progress(self)
+                if self._stop_signal is not None:
+                    raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
+                tick, samples = time.perf_counter(), 0
+        self.status = "completed"
+
+    def log_has_start(self) -> bool:
+        return self.log.offset() > 0
+
+    def summary(self) -> dict:
+        seen = self.seen.item()
+        return {
+            "status": self.status,
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "final_train_loss": self.last_train_loss,
+            **{f"final_{k}": v for k, v in self.last_eval.items()},
+            "best_val_acc": self.best_val_acc if self.best_val_acc >= 0 else None,
+            "best_step": self.best_step,
+            "test_acc_at_best_val": self.test_at_best,
+            "prequential_acc": self.correct.item() / seen if seen else None,
+            "samples_seen": seen,
+            "wall_time_s": self.train_seconds,
+            "samples_per_s": seen / self.train_seconds if self.train_seconds > 0 else None,
+        }

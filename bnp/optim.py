@@ -1,0 +1,24 @@
+"""Optimizer and per-step learning-rate schedule from the config."""
+
+import math
+
+import torch
+
+from bnp.config import OptimConfig
+
+
+def build_optimizer(cfg: OptimConfig, params, total_steps: int, steps_per_epoch: int):
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay)
+    else:
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        opt = cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
+    elif cfg.schedule == "step":
+        every = max(1, round(cfg.step_epochs * steps_per_epoch))
+        factor = lambda step: cfg.gamma ** (step // every)  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

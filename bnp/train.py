@@ -1,0 +1,179 @@
+"""The runner: ``python -m bnp.train [overrides]`` (Hydra; configs in ``configs/``).
+
+    python -m bnp.train model=cnn norm=bnp data=fashion_mnist train.batch_size=1 optim.lr=0.01
+    python -m bnp.train -m norm=none,bn,bnp,ln train.batch_size=1,16,128     # a sweep
+
+Each run directory gets: ``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``,
+``checkpoint.pt`` and W&B offline files. The directory is named after the command-line overrides,
+so rerunning the same command resumes an interrupted run, skips a completed one (unless
+``train.rerun=true``), and different settings never share a directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from bnp import BNP
+from bnp.config import ConfigError, NotApplicable, RunConfig, check_applicable, validate
+from bnp.data import DataError, load
+from bnp.log import RunLog, read_json, write_json
+from bnp.loop import Trainer
+from bnp.models import build_model
+from bnp.optim import build_optimizer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def slug(overrides: str) -> str:
+    """A directory name for a set of overrides: readable when short, else prefix + hash."""
+    text = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides) or "default"
+    if len(text) <= 100:
+        return text
+    return f"{text[:60]}-{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
+
+
+OmegaConf.register_new_resolver("bnp_slug", slug, replace=True)
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    return None
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was asked for, but torch sees no CUDA device; use 'auto' or 'cpu'")
+    device = torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else wanted.replace("auto", "cpu"))
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+    return device
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One process per run directory (two identical sweep jobs would otherwise share files)."""
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} is being trained by another process") from None
+        yield
+
+
+def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None) -> dict:
+    """Validate ``cfg``, train, and write the run directory; returns the summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = validate(cfg)  # ConfigError before anything else happens
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        previous = read_json(summary_path)
+        if previous.get("status") in ("completed", "diverged", "not_applicable") and not config.train.rerun:
+            print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
+            return previous
+    with run_lock(run_dir):
+        if config.train.rerun:
+            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        base = {"run_dir": str(run_dir), "name": config.name, "git_commit": git_commit(),
+                "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            check_applicable(config)
+        except NotApplicable as err:
+            if not in_sweep:
+                raise
+            summary = {**base, "status": "not_applicable", "reason": str(err)}
+            write_json(summary_path, summary)
+            print(f"[bnp] {run_dir}: not applicable: {err}")
+            return summary
+        return _train(config, resolved, run_dir, base, progress)
+
+
+def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress) -> dict:
+    device = resolve_device(config)
+    torch.manual_seed(config.train.seed)
+    data = load(config.data, device)
+    model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
+    pre = None
+    if config.norm.kind == "bnp":
+        n = config.norm
+        pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
+                  skip=tuple(n.skip))
+    steps_per_epoch = max(1, len(data.train_x) // config.train.batch_size)
+    total = config.train.steps or max(1, round(config.train.epochs * steps_per_epoch))
+    optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch)
+    log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name)
+    summary = {**base, "status": "failed", "device": str(device)}
+    try:
+        trainer = Trainer(model, data, optimizer, scheduler, pre, config.train, device, log,
+                          run_dir / "checkpoint.pt", precision=config.train.precision)
+        if trainer.resume():
+            print(f"[bnp] {run_dir}: resuming at step {trainer.step}/{trainer.total_steps}")
+        summary.update(trainer.run(progress=progress or _printer(run_dir)))
+        summary["total_steps"] = trainer.total_steps
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        raise
+    except Exception as err:
+        summary["reason"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        if summary["status"] != "interrupted":
+            write_json(run_dir / "summary.json", summary)
+        log.close(summary)
+    return summary
+
+
+def _printer(run_dir: Path):
+    """Progress lines at evaluation points (long runs show where they are)."""
+    def show(trainer: Trainer) -> None:
+        if trainer.step % trainer.eval_every == 0 or trainer.step == trainer.total_steps:
+            loss = trainer.last_train_loss
+            print(f"[bnp] {run_dir.name}: step {trainer.step}/{trainer.total_steps} "
+                  f"train_loss {float('nan') if loss is None else loss:.4g} "
+                  f"val_acc {trainer.last_eval.get('val_acc', float('nan')):.4f} "
+                  f"({trainer.train_seconds:.1f}s)", flush=True)
+    return show
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        run(cfg, run_dir, in_sweep=in_sweep)
+    except (ConfigError, DataError) as err:
+        if not in_sweep:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        # inside a sweep, record the failure and let the other runs go on
+        write_json(run_dir / "summary.json", {"status": "failed", "reason": str(err), "run_dir": str(run_dir)})
+        print(f"[bnp] {run_dir}: FAILED: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
