@@ -23,6 +23,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -47,6 +48,9 @@ def slug(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("bnp_slug", slug, replace=True)
+# The typed schema under configs/config.yaml: every key exists with its default (no `+key=` needed
+# for documented options) and Hydra type-checks overrides while composing.
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 def git_commit() -> str | None:
