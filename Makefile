@@ -30,10 +30,18 @@ test-all: setup ## run every test, including those marked slow
 bench: setup ## time plain SGD vs SGD+BNP steps (prints ratios)
 	$(PY) benchmarks/bench_step.py
 
-run: setup ## quickstart run (arrives with the runner)
-	@echo "make run arrives with the runner (bnp.train); see README" && exit 1
+run: setup ## quickstart: MLP on digits, norm x batch size x lr sweep -> results/quickstart/
+	$(PY) -m bnp.train -m experiment=quickstart launcher=local
+	$(PY) -m bnp.report outputs/sweeps/quickstart --out results/quickstart
+
+report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/NAME [OUT=dir]
+	@test -n "$(SWEEP)" || (echo "usage: make report SWEEP=outputs/sweeps/NAME [OUT=dir]" && exit 2)
+	$(PY) -m bnp.report $(SWEEP) $(if $(OUT),--out $(OUT),)
+
+sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
+	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
 
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test test-all bench run clean
+.PHONY: help setup test test-all bench run report sync clean

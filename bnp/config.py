@@ -150,6 +150,7 @@ class TrainConfig:
     log_every: int = 100  # steps between train-metric rows (one host sync each)
     eval_batch_size: int = 1000
     rerun: bool = False  # redo a run whose summary says completed (otherwise it is skipped)
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default (parallel sweeps set 1)
 
     def __post_init__(self) -> None:
         _check("train.epochs", self.epochs > 0, "> 0", self.epochs)
@@ -161,6 +162,7 @@ class TrainConfig:
                self.eval_every)
         _check("train.log_every", self.log_every >= 1, "an integer >= 1", self.log_every)
         _check("train.eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1", self.eval_batch_size)
+        _check("train.threads", self.threads is None or self.threads >= 1, "null or an integer >= 1", self.threads)
 
 
 @dataclass

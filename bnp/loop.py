@@ -213,8 +213,8 @@ class Trainer:
             self.train_step(x, y)
             self.step += 1
             samples += len(y)
-            at_log = self.step % cfg.log_every == 0 or self.step == self.total_steps
             at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
+            at_log = at_eval or self.step % cfg.log_every == 0  # every evaluation gets a fresh train row
             if at_log or at_eval or self._stop_signal is not None:
                 sync()
                 now = time.perf_counter()

@@ -118,6 +118,8 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
 
 def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress) -> dict:
     device = resolve_device(config)
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     data = load(config.data, device)
     model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
@@ -155,15 +157,14 @@ def _printer(run_dir: Path):
     """Progress lines at evaluation points (long runs show where they are)."""
     def show(trainer: Trainer) -> None:
         if trainer.step % trainer.eval_every == 0 or trainer.step == trainer.total_steps:
-            loss = trainer.last_train_loss
             print(f"[bnp] {run_dir.name}: step {trainer.step}/{trainer.total_steps} "
-                  f"train_loss {float('nan') if loss is None else loss:.4g} "
+                  f"train_loss {trainer.last_train_loss:.4g} "
                   f"val_acc {trainer.last_eval.get('val_acc', float('nan')):.4f} "
                   f"({trainer.train_seconds:.1f}s)", flush=True)
     return show
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -180,4 +181,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the copy imported as `bnp.train`, not this `__main__` module: parallel launchers (joblib,
+    # submitit) pickle the task function, and functions of `__main__` are pickled by value, globals
+    # and all, which fails; importable ones are pickled by reference.
+    from bnp.train import main as importable_main
+
+    importable_main()

@@ -1,0 +1,53 @@
+"""bnp.report on a small real sweep: lr chosen by validation, statuses counted, files written."""
+
+import math
+
+import pandas as pd
+
+from bnp.report import comparison_table, load_runs, main, pick_learning_rates, steps_to_target
+from bnp.train import run
+from conftest import TINY
+
+
+def make_sweep(compose, root):
+    base = [*TINY, "data=synthetic", "train.steps=20", "train.eval_every=5", "model.depth=1", "model.width=16"]
+    for norm in ("none", "bnp", "bn"):
+        for lr in (0.001, 0.03):
+            for seed in (0, 1):
+                cfg = compose(*base, f"norm={norm}", f"optim.lr={lr}", f"train.seed={seed}")
+                run(cfg, root / f"{norm}-{lr}-{seed}", in_sweep=True)
+    run(compose(*base, "norm=none", "optim.lr=1e9", "train.log_every=2"), root / "none-diverged", in_sweep=True)
+    run(compose(*base, "norm=bn", "train.batch_size=1"), root / "bn-online", in_sweep=True)
+
+
+def test_report_tables_and_figures(compose, tmp_path):
+    sweep = tmp_path / "sweep"
+    make_sweep(compose, sweep)
+    runs, curves = load_runs(sweep)
+    assert len(runs) == 14 and set(runs["status"]) == {"completed", "diverged", "not_applicable"}
+
+    chosen = pick_learning_rates(runs)
+    for _, row in chosen.iterrows():
+        cand = runs[(runs["norm"] == row["norm"]) & (runs["batch_size"] == row["batch_size"]) & (runs["status"] == "completed")]
+        means = cand.groupby("lr")["best_val_acc"].mean()
+        assert means[row["lr"]] == means.max()  # the fair-comparison rule
+
+    table = comparison_table(runs, curves, target=0.5)
+    by = {(r["norm"], r["batch_size"]): r for _, r in table.iterrows()}
+    assert by[("none", 4)]["status"] == "4 completed, 1 diverged"
+    assert by[("bn", 1)]["status"] == "1 not_applicable" and by[("bn", 1)]["lr"] == "n/a"
+    assert by[("bnp", 4)]["seeds"] == 2 and "±" in by[("bnp", 4)]["test_acc"]
+
+    out = tmp_path / "report"
+    main([str(sweep), "--out", str(out), "--target", "0.5"])
+    for name in ("table.md", "table.csv", "table.tex", "runs.csv", "curves.png", "curves.pdf",
+                 "accuracy_vs_batch_size.png", "PROVENANCE.md"):
+        assert (out / name).stat().st_size > 0, name
+    csv = pd.read_csv(out / "table.csv")
+    assert list(csv["norm"]).count("bn") == 2  # the not-applicable row is shown, not dropped
+    assert "python -m bnp.report" in (out / "PROVENANCE.md").read_text()
+
+
+def test_steps_to_target():
+    rows = [{"step": 0, "val_acc": 0.1}, {"step": 5, "train_loss": 1.0}, {"step": 10, "val_acc": 0.8}]
+    assert steps_to_target(rows, 0.5) == 10 and math.isnan(steps_to_target(rows, 0.9))
