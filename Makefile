@@ -38,10 +38,27 @@ report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/N
 	@test -n "$(SWEEP)" || (echo "usage: make report SWEEP=outputs/sweeps/NAME [OUT=dir]" && exit 2)
 	$(PY) -m bnp.report $(SWEEP) $(if $(OUT),--out $(OUT),)
 
+fig-mlp-batch-size: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128 -> results/mlp_batch_size
+	$(PY) experiments/mlp_batch_size.py
+
+fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> results/online
+	$(PY) experiments/online.py
+
+fig-cnn: setup ## claim 4: CNN on Fashion-MNIST -> results/cnn
+	$(PY) experiments/cnn.py
+
+fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/resnet
+	$(PY) experiments/resnet.py
+
+reproduce: fig-mlp-batch-size fig-online fig-cnn fig-resnet ## every paper-claim experiment
+
+smoke: setup ## every experiment's tiny offline variant (about a minute each)
+	for e in mlp_batch_size online cnn resnet; do $(PY) experiments/$$e.py --smoke || exit 1; done
+
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
 
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test test-all bench run report sync clean
+.PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-resnet reproduce smoke

@@ -146,7 +146,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs cuda)
-    eval_every: Optional[int] = None  # steps between evaluations; null: once per epoch
+    eval_every: Optional[int] = None  # steps between evaluations; null: evals_per_epoch
+    evals_per_epoch: int = 1
     log_every: int = 100  # steps between train-metric rows (one host sync each)
     eval_batch_size: int = 1000
     rerun: bool = False  # redo a run whose summary says completed (otherwise it is skipped)
@@ -161,6 +162,7 @@ class TrainConfig:
         _check("train.eval_every", self.eval_every is None or self.eval_every >= 1, "null or an integer >= 1",
                self.eval_every)
         _check("train.log_every", self.log_every >= 1, "an integer >= 1", self.log_every)
+        _check("train.evals_per_epoch", self.evals_per_epoch >= 1, "an integer >= 1", self.evals_per_epoch)
         _check("train.eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1", self.eval_batch_size)
         _check("train.threads", self.threads is None or self.threads >= 1, "null or an integer >= 1", self.threads)
 

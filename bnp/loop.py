@@ -58,7 +58,7 @@ class Trainer:
                 f"train.batch_size={cfg.batch_size} is larger than the training set ({len(data.train_x)} samples)"
             )
         self.total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * self.steps_per_epoch))
-        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.eval_every = cfg.eval_every or max(1, self.steps_per_epoch // cfg.evals_per_epoch)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

@@ -42,9 +42,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def slug(overrides: str) -> str:
     """A directory name for a set of overrides: readable when short, else prefix + hash."""
     text = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides) or "default"
-    if len(text) <= 100:
+    if len(text) <= 180:
         return text
-    return f"{text[:60]}-{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
+    return f"{text[:140]}-{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
 
 
 OmegaConf.register_new_resolver("bnp_slug", slug, replace=True)

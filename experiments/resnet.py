@@ -1,0 +1,19 @@
+"""Claim 4 (residual nets): ResNet-20 on Fashion-MNIST (offline) and CIFAR-10/100 where the files
+can be had. Sized for a GPU: 30 epochs, SGD + Nesterov momentum, cosine schedule.
+
+    python experiments/resnet.py                                   # Fashion-MNIST -> results/resnet
+    python experiments/resnet.py --suffix cifar10 data=cifar10     # CIFAR-10 (augmented)
+    python experiments/resnet.py --suffix cifar100 data=cifar100
+    python experiments/resnet.py --smoke                           # tiny offline variant (digits)
+"""
+
+from bnp.sweep import run_experiment
+
+NORMS, SEEDS = "none,bn,bnp,ln,gn", "0,1,2"
+GRIDS = [{"norm": NORMS, "optim.lr": "0.03,0.1,0.3", "train.seed": SEEDS}]
+SMOKE_GRIDS = [{"norm": NORMS, "optim.lr": "0.1", "train.seed": "0"}]
+SMOKE_FIXED = ["data=digits", "train.steps=6", "train.eval_every=3", "train.log_every=3", "train.batch_size=16",
+               "logger=none"]
+
+if __name__ == "__main__":
+    run_experiment("resnet", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED)
