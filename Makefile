@@ -50,10 +50,13 @@ fig-cnn: setup ## claim 4: CNN on Fashion-MNIST -> results/cnn
 fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/resnet
 	$(PY) experiments/resnet.py
 
-reproduce: fig-mlp-batch-size fig-online fig-cnn fig-resnet ## every paper-claim experiment
+fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
+	$(PY) experiments/hessian.py
+
+reproduce: fig-mlp-batch-size fig-online fig-cnn fig-resnet fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
-	for e in mlp_batch_size online cnn resnet; do $(PY) experiments/$$e.py --smoke || exit 1; done
+	for e in mlp_batch_size online cnn resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -61,4 +64,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-resnet reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-resnet fig-hessian reproduce smoke

@@ -207,6 +207,8 @@ class Trainer:
         cfg, sync = self.cfg, (torch.cuda.synchronize if self.device.type == "cuda" else lambda: None)
         if self.step == 0 and not self.log_has_start():
             self._evaluate()  # the untrained model, step 0
+            if progress is not None:
+                progress(self)
         tick, samples = time.perf_counter(), 0
         while self.step < self.total_steps:
             x, y = self.batch(self.step)

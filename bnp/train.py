@@ -157,8 +157,8 @@ def _printer(run_dir: Path):
     """Progress lines at evaluation points (long runs show where they are)."""
     def show(trainer: Trainer) -> None:
         if trainer.step % trainer.eval_every == 0 or trainer.step == trainer.total_steps:
-            print(f"[bnp] {run_dir.name}: step {trainer.step}/{trainer.total_steps} "
-                  f"train_loss {trainer.last_train_loss:.4g} "
+            loss = "n/a" if trainer.last_train_loss is None else f"{trainer.last_train_loss:.4g}"
+            print(f"[bnp] {run_dir.name}: step {trainer.step}/{trainer.total_steps} train_loss {loss} "
                   f"val_acc {trainer.last_eval.get('val_acc', float('nan')):.4f} "
                   f"({trainer.train_seconds:.1f}s)", flush=True)
     return show
