@@ -26,8 +26,8 @@ def test_smoke_variant(name, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = pd.read_csv(results / "table.csv")
-    assert len(table) >= 2 and (results / "curves.png").exists()
+    assert len(table) >= 2 and list(results.glob("*.png")) and list(results.glob("*.pdf"))
     provenance = (results / "PROVENANCE.md").read_text()
     assert f"python experiments/{name}.py" in provenance and "commit:" in provenance
-    runs = pd.read_csv(results / "runs.csv")
-    assert set(runs["status"]) <= {"completed", "not_applicable"}, runs[["run", "status"]]
+    for summary in (tmp_path / "sweeps").glob("*/*/summary.json"):
+        assert '"status": "completed"' in summary.read_text() or "not_applicable" in summary.read_text(), summary
