@@ -63,18 +63,20 @@ def figure(table: pd.DataFrame, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(table.groupby(["data", "layer"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, ((data, layer), group) in zip(axes[0], panels):
-        for norm, g in group.groupby("norm"):
-            mean = g.groupby("step")[["plain_cond", "pre_cond"]].median()
-            color = NORM_COLORS[norm]
-            ax.plot(mean.index, mean["plain_cond"], color=color, ls="-", label=f"{NORM_LABELS[norm]} run: cond(H)")
-            ax.plot(mean.index, mean["pre_cond"], color=color, ls="--", label=f"{NORM_LABELS[norm]} run: cond(UᵀHU)")
-        ax.set_yscale("log")
-        ax.set_title(f"{data}, layer {layer}")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("condition number (nonzero spectrum)")
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7), squeeze=False)
+    for col, ((data, layer), group) in enumerate(panels):
+        for row, (suffix, label) in enumerate((("cond", "cond, nonzero spectrum"), ("cond_q10", "max / 10th pct |λ|"))):
+            ax = axes[row, col]
+            for norm, g in group.groupby("norm"):
+                median = g.groupby("step")[[f"plain_{suffix}", f"pre_{suffix}"]].median()
+                color = NORM_COLORS[norm]
+                ax.plot(median.index, median[f"plain_{suffix}"], color=color, ls="-", label=f"{NORM_LABELS[norm]} run: H")
+                ax.plot(median.index, median[f"pre_{suffix}"], color=color, ls="--", label=f"{NORM_LABELS[norm]} run: UᵀHU")
+            ax.set_yscale("log")
+            ax.set_title(f"{data}, layer {layer}")
+            ax.set_xlabel("training step")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize="small")
     fig.suptitle("Hessian condition number per layer along training (median over seeds)")
     for ext in ("png", "pdf"):
@@ -118,7 +120,10 @@ def main(argv=None) -> None:
             "data": data, "run": norm, "layer": layer, "method": g["plain_method"].iloc[0],
             "cond(H) start": f"{at(first, 'plain_cond').median():.3g}", "cond(UᵀHU) start": f"{at(first, 'pre_cond').median():.3g}",
             "cond(H) end": f"{at(final, 'plain_cond').median():.3g}", "cond(UᵀHU) end": f"{at(final, 'pre_cond').median():.3g}",
+            "q10 cond(H) end": f"{at(final, 'plain_cond_q10').median():.3g}",
+            "q10 cond(UᵀHU) end": f"{at(final, 'pre_cond_q10').median():.3g}",
             "median ratio H/UᵀHU": f"{(g['plain_cond'] / g['pre_cond']).median():.3g}",
+            "median ratio (q10)": f"{(g['plain_cond_q10'] / g['pre_cond_q10']).median():.3g}",
             "zero eigenvalues (H)": int(g["plain_zeros"].median()),
         })
     summary = pd.DataFrame(summary)
