@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
+from torch import distributed as dist
 from torch import nn
 
 TRACKED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -117,6 +118,9 @@ class BNP:
         scale: divide by the running variance + eps.
         skip: module-name or class-name patterns (``fnmatch`` globs) of layers to leave alone,
             e.g. ``("fc_out",)`` or ``("head.*", "Conv1d")``. Each pattern must match a layer.
+        sync: under ``torch.distributed`` (world size > 1), pool each step's input statistics
+            over all ranks with one all-reduce, so every replica applies the same
+            preconditioner. Turning it off lets replicas drift apart (for ablations only).
 
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
     model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it after ``backward()`` (after
@@ -133,10 +137,13 @@ class BNP:
         center: bool = True,
         scale: bool = True,
         skip: str | Iterable[str] = (),
+        sync: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
         _check_options(momentum, eps, warmup, center, scale)
+        if not isinstance(sync, bool):
+            raise ValueError(f"BNP: sync must be True or False, got {sync!r}")
         patterns = (skip,) if isinstance(skip, str) else tuple(skip)
         candidates = _candidates(model)
         for pattern in patterns:
@@ -153,6 +160,7 @@ class BNP:
         self.center = center
         self.scale = scale
         self.skip = patterns
+        self.sync = sync
         self.steps = 0  # number of step() calls so far
 
         self._layers: list[_Layer] = []
@@ -207,11 +215,15 @@ class BNP:
     # A second forward before step(), a forward without autograd (nothing then guards the input
     # against in-place edits), stats() and state_dict() fold first, so no order is ever changed.
     def _record(self, layer: _Layer, x: torch.Tensor) -> None:
+        synced = self._synced()  # then every fold is collective, over all layers at once
         if layer.pending is not None:
-            self._fold(layer)
+            self._fold_pending() if synced else self._fold(layer)
         layer.pending = x
         if not torch.is_grad_enabled():
-            self._fold(layer)
+            self._fold_pending() if synced else self._fold(layer)
+
+    def _synced(self) -> bool:
+        return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _fold_pending(self) -> None:
         """Fold every recorded input into the running statistics."""
@@ -220,6 +232,9 @@ class BNP:
             return
         if layers[0].pending.device != self._mean.device:
             self._to(layers[0].pending.device)
+        if self._synced():
+            self._fold_synced()
+            return
         if len(layers) < len(self._layers) or not all(layer.batches for layer in layers):
             for layer in layers:
                 self._fold(layer)
@@ -248,6 +263,54 @@ class BNP:
                 x = x.unsqueeze(0)
             return x, (0, *range(2, x.dim())), layer.mean.view(-1, *(1,) * (x.dim() - 2))
         return x.reshape(-1, layer.features), (0,), layer.mean
+
+    def _fold_synced(self) -> None:
+        """Fold the pending inputs of every rank with one all-reduce (two on a layer's first batch).
+
+        Each rank sums, per feature, its inputs and their squared deviations from a center c that
+        all ranks share (the running mean; on the first batch the global batch mean, found by an
+        extra all-reduce); with the pooled mean m and s = mean((a - c)^2), the spec's squared
+        deviation from the updated mean mu' = c + alpha (m - c) is s - alpha (2 - alpha) (m - c)^2.
+        Ranks may hold different batch sizes: sums are weighted by sample counts.
+        """
+        layers, n_feat = self._layers, self._mean.numel()
+        rows = [self._rows(layer) if layer.pending is not None else None for layer in layers]
+        center = self._mean.clone()
+        if any(layer.batches == 0 and r is not None for layer, r in zip(layers, rows)):
+            sums = self._mean.new_zeros(n_feat + len(layers))
+            for i, (layer, r) in enumerate(zip(layers, rows)):
+                if r is not None:
+                    sums[layer.offset : layer.offset + layer.features] = r[0].sum(r[1])
+                    sums[n_feat + i] = r[0].numel() // layer.features
+            dist.all_reduce(sums)
+            for i, layer in enumerate(layers):
+                if layer.batches == 0 and sums[n_feat + i] > 0:
+                    sl = slice(layer.offset, layer.offset + layer.features)
+                    center[sl] = sums[sl] / sums[n_feat + i]
+        buf = self._mean.new_zeros(2 * n_feat + len(layers))
+        for i, (layer, r) in enumerate(zip(layers, rows)):
+            if r is not None:
+                x, dims, _ = r
+                c = center[layer.offset : layer.offset + layer.features]
+                buf[layer.offset : layer.offset + layer.features] = x.sum(dims)
+                c = c.view(-1, *(1,) * (x.dim() - 2)) if not layer.dense else c
+                buf[n_feat + layer.offset : n_feat + layer.offset + layer.features] = (x - c).square_().sum(dims)
+                buf[2 * n_feat + i] = x.numel() // layer.features
+        dist.all_reduce(buf)
+        for i, layer in enumerate(layers):
+            layer.pending = None
+            count = buf[2 * n_feat + i]
+            if count == 0:
+                continue
+            sl = slice(layer.offset, layer.offset + layer.features)
+            m, s, c = buf[sl] / count, buf[n_feat + sl.start : n_feat + sl.stop] / count, center[sl]
+            if layer.batches == 0:
+                layer.mean.copy_(m)
+                layer.var.copy_(s - (m - c).square())
+            else:
+                layer.mean.lerp_(m, self.momentum)
+                layer.var.lerp_(s - self.momentum * (2 - self.momentum) * (m - c).square(), self.momentum)
+            layer.batches += 1
 
     def _fold(self, layer: _Layer) -> None:
         """Fold one layer's pending input into its statistics (the spec's recurrences, literally).
@@ -368,7 +431,7 @@ class BNP:
     def __repr__(self) -> str:
         options = (
             f"momentum={self.momentum}, eps={self.eps}, warmup={self.warmup}, "
-            f"center={self.center}, scale={self.scale}, skip={list(self.skip)}"
+            f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}"
         )
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
         return f"BNP({options}, layers={len(self._layers)}):{layers}"

@@ -1,0 +1,88 @@
+"""BNP under torch.distributed (gloo, 2 CPU processes): synced statistics keep replicas identical
+and equal to single-process training on the global batch; without the sync they drift apart."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from bnp import BNP
+
+STEPS, GLOBAL_BATCH = 15, 8
+
+
+class Unsqueeze(nn.Module):
+    def forward(self, x):
+        return x.unsqueeze(1)
+
+
+def build() -> nn.Module:
+    """Dense and conv layers, so both statistics paths are synced."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), Unsqueeze(), nn.Conv1d(1, 3, 3, padding=1), nn.Flatten(),
+                         nn.Linear(48, 3))
+
+
+def global_batch(step: int):
+    """Each half of the global batch comes from a differently shifted distribution, so the two
+    ranks' local statistics disagree and the sync has something to do."""
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=gen) * torch.linspace(0.5, 3, 6)
+    x[GLOBAL_BATCH // 2 :] += 4.0
+    return x, torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+
+
+def train(model, pre, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+
+
+def worker(rank: int, world: int, init_file: str, sync: bool, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = build()
+    ddp = DistributedDataParallel(model)
+    pre = BNP(model, sync=sync, momentum=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    shards = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        shards.append((x.chunk(world)[rank], y.chunk(world)[rank]))
+    train(ddp, pre, opt, shards)
+    torch.save({"params": [p.detach().clone() for p in model.parameters()],
+                "stats": {n: pre.stats(n) for n in pre.names}}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_two_ranks(tmp_path, sync: bool):
+    out = tmp_path / ("sync" if sync else "nosync")
+    out.mkdir()
+    mp.spawn(worker, args=(2, str(out / "init"), sync, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_synced_replicas_are_identical_and_match_single_process(tmp_path):
+    rank0, rank1 = run_two_ranks(tmp_path, sync=True)
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b)
+    model = build()
+    pre = BNP(model, momentum=0.2)
+    train(model, pre, torch.optim.SGD(model.parameters(), lr=0.05), [global_batch(s) for s in range(STEPS)])
+    for a, b in zip(rank0["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    for name in pre.names:
+        torch.testing.assert_close(rank0["stats"][name].mean, pre.stats(name).mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank0["stats"][name].var, pre.stats(name).var, rtol=1e-5, atol=1e-6)
+        assert rank0["stats"][name].batches == STEPS
+
+
+def test_without_sync_replicas_drift_apart(tmp_path):
+    rank0, rank1 = run_two_ranks(tmp_path, sync=False)
+    drift = max((a - b).abs().max().item() for a, b in zip(rank0["params"], rank1["params"]))
+    assert drift > 1e-3, drift
+    assert not torch.allclose(rank0["stats"]["0"].mean, rank1["stats"]["0"].mean)
