@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from bnp import BNP
 from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
+from bnp.distributed import summed
 from bnp.log import RunLog
 
 
@@ -48,10 +49,19 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast)
 
 class Trainer:
     def __init__(self, model, data: Data, optimizer, scheduler, pre: BNP | None, cfg: TrainConfig,
-                 device: torch.device, log: RunLog, checkpoint: Path, precision: str = "fp32"):
+                 device: torch.device, log: RunLog, checkpoint: Path, precision: str = "fp32",
+                 rank: int = 0, world: int = 1):
         self.model, self.data, self.optimizer, self.scheduler, self.pre = model, data, optimizer, scheduler, pre
         self.cfg, self.device, self.log, self.checkpoint = cfg, device, log, Path(checkpoint)
-        self.batch_size = cfg.batch_size
+        self.rank, self.world = rank, world
+        # the module that trains: DDP averages gradients across processes; state comes from `model`
+        self.net = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        self.batch_size = cfg.batch_size  # global; each process takes batch_size / world of it
+        self.local_batch = cfg.batch_size // world
         self.steps_per_epoch = len(data.train_x) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -93,6 +103,8 @@ class Trainer:
         }
 
     def save(self) -> None:
+        if self.rank != 0:
+            return
         tmp = self.checkpoint.with_suffix(".tmp")
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, self.checkpoint)  # atomic: a kill never leaves a torn checkpoint
@@ -133,8 +145,8 @@ class Trainer:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, position = divmod(step, self.steps_per_epoch)
         x_all, y_all = self._epoch_data(epoch)
-        start = position * self.batch_size
-        x, y = x_all[start : start + self.batch_size], y_all[start : start + self.batch_size]
+        start = position * self.batch_size + self.rank * self.local_batch
+        x, y = x_all[start : start + self.local_batch], y_all[start : start + self.local_batch]
         if self.data.augment:
             x = augment_batch(x, self.aug_gen)
         return x, y
@@ -143,7 +155,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
         # prequential (predict, then train): these predictions come before this step's update
         self.correct += (logits.detach().argmax(1) == y).sum()
@@ -166,13 +178,14 @@ class Trainer:
 
     def _log_train(self, samples_per_s: float) -> bool:
         """Write a train row; False if the loss is no longer finite (diverged)."""
-        loss = self.loss_sum.item() / max(1, self.loss_count)
+        loss_sum, correct, seen = summed(self.loss_sum, self.correct, self.seen)  # over processes
+        loss = loss_sum.item() / max(1, self.loss_count * self.world)
         self.loss_sum.zero_()
         self.loss_count = 0
         self.last_train_loss = loss
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
-               "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s,
-               "prequential_acc": self.correct.item() / max(1, self.seen.item())}
+               "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s * self.world,
+               "prequential_acc": correct.item() / max(1, seen.item())}
         self.log.log(row)
         return math.isfinite(loss)
 
@@ -240,7 +253,7 @@ class Trainer:
         return self.log.offset() > 0
 
     def summary(self) -> dict:
-        seen = self.seen.item()
+        correct, seen = (t.item() for t in summed(self.correct, self.seen))
         return {
             "status": self.status,
             "steps": self.step,
@@ -250,7 +263,7 @@ class Trainer:
             "best_val_acc": self.best_val_acc if self.best_val_acc >= 0 else None,
             "best_step": self.best_step,
             "test_acc_at_best_val": self.test_at_best,
-            "prequential_acc": self.correct.item() / seen if seen else None,
+            "prequential_acc": correct / seen if seen else None,
             "samples_seen": seen,
             "wall_time_s": self.train_seconds,
             "samples_per_s": seen / self.train_seconds if self.train_seconds > 0 else None,

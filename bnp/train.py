@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bnp import BNP
+from bnp import BNP, distributed
 from bnp.config import ConfigError, NotApplicable, RunConfig, check_applicable, validate
 from bnp.data import DataError, load
 from bnp.log import RunLog, read_json, write_json
@@ -95,13 +95,20 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
         if previous.get("status") in ("completed", "diverged", "not_applicable") and not config.train.rerun:
             print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
             return previous
-    with run_lock(run_dir):
-        if config.train.rerun:
+    rank, world = distributed.setup()
+    if config.train.batch_size % world:
+        raise ConfigError(f"train.batch_size: the global batch {config.train.batch_size} must be divisible by "
+                          f"the number of processes ({world})")
+    with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+        if config.train.rerun and rank == 0:
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 has cleaned up before anyone looks for a checkpoint
         resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        if rank == 0:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         base = {"run_dir": str(run_dir), "name": config.name, "git_commit": git_commit(),
                 "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
@@ -110,14 +117,15 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
             if not in_sweep:
                 raise
             summary = {**base, "status": "not_applicable", "reason": str(err)}
-            write_json(summary_path, summary)
+            if rank == 0:
+                write_json(summary_path, summary)
             print(f"[bnp] {run_dir}: not applicable: {err}")
             return summary
-        return _train(config, resolved, run_dir, base, progress)
+        return _train(config, resolved, run_dir, base, progress, rank, world)
 
 
-def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress) -> dict:
-    device = resolve_device(config)
+def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, rank: int, world: int) -> dict:
+    device = distributed.local_device(resolve_device(config))
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
@@ -131,14 +139,14 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
     steps_per_epoch = max(1, len(data.train_x) // config.train.batch_size)
     total = config.train.steps or max(1, round(config.train.epochs * steps_per_epoch))
     optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch)
-    log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name)
-    summary = {**base, "status": "failed", "device": str(device)}
+    log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
+    summary = {**base, "status": "failed", "device": str(device), "processes": world}
     try:
         trainer = Trainer(model, data, optimizer, scheduler, pre, config.train, device, log,
-                          run_dir / "checkpoint.pt", precision=config.train.precision)
-        if trainer.resume():
+                          run_dir / "checkpoint.pt", precision=config.train.precision, rank=rank, world=world)
+        if trainer.resume() and rank == 0:
             print(f"[bnp] {run_dir}: resuming at step {trainer.step}/{trainer.total_steps}")
-        summary.update(trainer.run(progress=progress or _printer(run_dir)))
+        summary.update(trainer.run(progress=progress or (_printer(run_dir) if rank == 0 else None)))
         summary["total_steps"] = trainer.total_steps
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
@@ -147,7 +155,7 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
         summary["reason"] = f"{type(err).__name__}: {err}"
         raise
     finally:
-        if summary["status"] != "interrupted":
+        if summary["status"] != "interrupted" and rank == 0:
             write_json(run_dir / "summary.json", summary)
         log.close(summary)
     return summary

@@ -86,3 +86,31 @@ def test_without_sync_replicas_drift_apart(tmp_path):
     drift = max((a - b).abs().max().item() for a, b in zip(rank0["params"], rank1["params"]))
     assert drift > 1e-3, drift
     assert not torch.allclose(rank0["stats"]["0"].mean, rank1["stats"]["0"].mean)
+
+
+def test_torchrun_runner_matches_single_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m bnp.train` shards each global batch over 2 processes and
+    ends where one process with the same global batch ends (float tolerance)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["logger=none", "norm=bnp", "train.batch_size=16", "train.steps=40", "train.eval_every=20",
+            "train.device=cpu", "model.width=32"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "bnp.train",
+                          *args, f"out_root={tmp_path / 'ddp'}"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    single = subprocess.run([sys.executable, "-m", "bnp.train", *args, f"out_root={tmp_path / 'one'}"], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    (a,) = (tmp_path / "ddp" / "runs").glob("*/summary.json")
+    (b,) = (tmp_path / "one" / "runs").glob("*/summary.json")
+    a, b = json.loads(a.read_text()), json.loads(b.read_text())
+    assert a["status"] == b["status"] == "completed" and a["processes"] == 2 and b["processes"] == 1
+    for key in ("final_val_loss", "final_test_loss", "final_train_loss", "prequential_acc"):
+        assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a[key], b[key])
