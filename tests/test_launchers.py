@@ -1,0 +1,38 @@
+"""Sweeps through Hydra's launchers end to end, and the report on their sweep directories."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnp.report import load_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("launcher", ["submitit_local", "local"])
+def test_two_job_sweep_and_report(launcher, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "bnp.train", "-m", f"launcher={launcher}", "logger=none", "norm=none,bnp",
+           "train.steps=10", "train.device=cpu", f"out_root={tmp_path}", "name=two"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs, _ = load_runs(tmp_path / "sweeps" / "two")
+    assert sorted(runs["norm"]) == ["bnp", "none"] and set(runs["status"]) == {"completed"}
+    report = subprocess.run([sys.executable, "-m", "bnp.report", str(tmp_path / "sweeps" / "two")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0 and (tmp_path / "sweeps" / "two" / "report" / "table.md").exists()
+
+
+def test_slurm_launcher_config_composes(compose):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["launcher=slurm", "hydra.launcher.partition=gpu"],
+                            return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.gpus_per_node == 1 and "export WANDB_MODE=offline" in launcher.setup
