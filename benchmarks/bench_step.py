@@ -1,53 +1,74 @@
-"""Time one training step of plain SGD vs SGD+BNP, measured in the same process.
+"""Training-step speed of each normalization, as a ratio to plain un-normalized SGD.
 
-    python benchmarks/bench_step.py [--device cpu|cuda] [--batch-sizes 1 128] [--seconds 2]
+    python benchmarks/bench_step.py                       # full matrix on the default device
+    python benchmarks/bench_step.py --models mlp --norms bnp --batch-sizes 1 --seconds 5
+    python benchmarks/bench_step.py --out results/bench   # also write <out>/<device>.{md,csv}
 
-For each model and batch size it alternates short blocks of plain and BNP steps (so machine noise
-hits both alike), reports the median time per step of each and the ratio BNP / plain.
+A step is: slice a batch from an on-device dataset, forward, cross-entropy, backward, (BNP step),
+SGD step. For every (model, batch size, norm) it alternates short blocks of the plain step and the
+normalized step in the same process (machine noise hits both alike) and reports the median time
+per step of each, steps/s, samples/s, the ratio norm / plain, and memory: peak CUDA memory on GPU,
+the bytes of parameters + gradients + normalization state on CPU (BNP's own state in brackets).
 """
+
+from __future__ import annotations
 
 import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.nn import functional as F
 
 from bnp import BNP
-from bnp.models import CNN, MLP
+from bnp.models import CNN, MLP, CifarResNet
 
 MODELS = {
-    "mlp 784-256-256-256-10": (lambda: MLP(784, 10, depth=3, width=256), (784,)),
-    "cnn 32-32-64-64 on 1x28x28": (lambda: CNN(1, 10, channels=(32, 64)), (1, 28, 28)),
+    "mlp": ("MLP 784-256-256-256-10", lambda norm: MLP(784, 10, depth=3, width=256, norm=norm), (784,)),
+    "cnn": ("CNN 32-32-64-64, 1x28x28", lambda norm: CNN(1, 10, channels=(32, 64), norm=norm), (1, 28, 28)),
+    "resnet20": ("ResNet-20, 3x32x32", lambda norm: CifarResNet(20, 3, 10, norm), (3, 32, 32)),
 }
 
 
-def make_step(model, use_bnp, batch_size, device, shape):
-    data = torch.randn(1024, *shape, device=device) * 3 + 1
-    labels = torch.randint(0, 10, (1024,), device=device)
-    pre = BNP(model) if use_bnp else None
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    position = [0]
+class Setup:
+    """One model + optimizer (+ BNP) with a step function over an on-device dataset."""
 
-    def step():
-        i = position[0]
-        position[0] = (i + batch_size) % (1024 - batch_size)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(data[i : i + batch_size]), labels[i : i + batch_size]).backward()
-        if pre is not None:
-            pre.step()
-        opt.step()
+    def __init__(self, model_key: str, norm: str, batch_size: int, device: torch.device):
+        torch.manual_seed(0)
+        _, build, shape = MODELS[model_key]
+        self.model = build(norm).to(device).train()
+        self.pre = BNP(self.model) if norm == "bnp" else None
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        n = 2048 if batch_size < 128 else 8 * batch_size
+        self.x = torch.randn(n, *shape, device=device) * 3 + 1
+        self.y = torch.randint(0, 10, (n,), device=device)
+        self.batch_size, self.position, self.n = batch_size, 0, n
 
-    return step
+    def step(self) -> None:
+        i = self.position
+        self.position = (i + self.batch_size) % (self.n - self.batch_size)
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x[i : i + self.batch_size]), self.y[i : i + self.batch_size]).backward()
+        if self.pre is not None:
+            self.pre.step()
+        self.opt.step()
+
+    def state_bytes(self) -> tuple[int, int]:
+        params = sum(p.numel() * p.element_size() * 2 for p in self.model.parameters())  # + grads
+        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        bnp = sum(t.numel() * t.element_size() for t in (self.pre._mean, self.pre._var)) if self.pre else 0
+        return params + buffers + bnp, bnp
 
 
-def sync(device):
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_block(step, n, device):
+def time_block(step, n: int, device: torch.device) -> float:
     sync(device)
     start = time.perf_counter()
     for _ in range(n):
@@ -56,36 +77,61 @@ def time_block(step, n, device):
     return (time.perf_counter() - start) / n
 
 
-def compare(build, shape, batch_size, device, seconds):
-    steps = {}
-    for use_bnp in (False, True):
-        torch.manual_seed(0)
-        steps[use_bnp] = make_step(build().to(device), use_bnp, batch_size, device, shape)
-        for _ in range(20):
-            steps[use_bnp]()
-    block = max(5, int(0.05 / time_block(steps[False], 10, device)))  # ~50 ms blocks
-    times = {False: [], True: []}
+def compare(model_key: str, norm: str, batch_size: int, device: torch.device, seconds: float) -> dict:
+    setups = {"plain": Setup(model_key, "none", batch_size, device), norm: Setup(model_key, norm, batch_size, device)}
+    for s in setups.values():
+        for _ in range(10):
+            s.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    block = max(3, int(0.05 / time_block(setups["plain"].step, 3, device)))  # ~50 ms blocks
+    times = {k: [] for k in setups}
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times[True]) < 5:
-        for use_bnp in (False, True):
-            times[use_bnp].append(time_block(steps[use_bnp], block, device))
-    return statistics.median(times[False]), statistics.median(times[True])
+    while time.perf_counter() < deadline or len(times[norm]) < 5:
+        for key, s in setups.items():
+            times[key].append(time_block(s.step, block, device))
+    plain, normed = statistics.median(times["plain"]), statistics.median(times[norm])
+    total, bnp_bytes = setups[norm].state_bytes()
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else total) / 2**20
+    return {"model": MODELS[model_key][0], "batch": batch_size, "norm": norm, "plain_ms": plain * 1e3,
+            "norm_ms": normed * 1e3, "ratio": normed / plain, "steps_per_s": 1 / normed,
+            "samples_per_s": batch_size / normed, "memory_MiB": memory, "bnp_state_KiB": bnp_bytes / 1024}
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--norms", nargs="+", default=["bnp", "bn", "ln"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 128])
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per comparison")
+    parser.add_argument("--out", type=Path, help="write <out>/<device>.md and .csv")
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"# torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads")
-    print(f"{'model':30} {'batch':>5} {'plain ms/step':>14} {'bnp ms/step':>12} {'bnp/plain':>10}")
-    for model_name, (build, shape) in MODELS.items():
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    header = (f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads, "
+              f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("#", header)
+    rows = []
+    for model_key in args.models:
         for batch_size in args.batch_sizes:
-            plain, bnp = compare(build, shape, batch_size, device, args.seconds)
-            print(f"{model_name:30} {batch_size:5d} {plain * 1e3:14.3f} {bnp * 1e3:12.3f} {bnp / plain:10.2f}", flush=True)
+            for norm in args.norms:
+                if norm == "bn" and batch_size == 1 and model_key == "mlp":
+                    continue  # BatchNorm1d cannot train on one sample
+                row = compare(model_key, norm, batch_size, device, args.seconds)
+                rows.append(row)
+                print(f"{row['model']:26} batch {batch_size:4d} {norm:4}: plain {row['plain_ms']:8.3f} ms, "
+                      f"{norm} {row['norm_ms']:8.3f} ms, ratio {row['ratio']:5.2f}, "
+                      f"{row['samples_per_s']:9.0f} samples/s, {row['memory_MiB']:7.1f} MiB", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table = pd.DataFrame(rows)
+        stem = args.out / device.type
+        table.to_csv(stem.with_suffix(".csv"), index=False)
+        memory_note = "peak CUDA memory" if device.type == "cuda" else "params + grads + buffers + BNP state"
+        stem.with_suffix(".md").write_text(
+            f"{header}\n\ncommand: `python benchmarks/bench_step.py --device {args.device} --seconds {args.seconds} "
+            f"--out {args.out}`; memory_MiB: {memory_note}\n\n" + table.round(4).to_markdown(index=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -461,3 +461,36 @@ def test_cuda_matches_cpu():
         pre.step()
     for a, b in zip(model.parameters(), gpu.parameters()):
         torch.testing.assert_close(a.grad, b.grad.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_state_is_two_float32_vectors_per_tracked_input():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    pre = BNP(model)
+    tensors = [v for v in vars(pre).values() if isinstance(v, torch.Tensor)]
+    assert sum(t.numel() for t in tensors) == 2 * (3 + 8 * 4 * 4)
+    assert all(t.dtype == torch.float32 for t in tensors)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_one_pass_moments_match_the_two_pass_reference(batch, monkeypatch):
+    """The GPU path (torch.var_mean) gives the statistics of the exact two-pass path."""
+    results = []
+    for one_pass in (False, True):
+        monkeypatch.setattr(BNP, "_one_pass", staticmethod(lambda x, flag=one_pass: flag))
+        torch.manual_seed(12)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 4))
+        pre = BNP(model, momentum=0.3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for i in range(10):
+            x = torch.randn(batch, 2, 6, 6) * 3 + 2
+            if i == 4:
+                with torch.no_grad():
+                    model(x)  # the per-layer path
+            model(x).sum().backward()
+            pre.step()
+            opt.step()
+            opt.zero_grad()
+        results.append({n: pre.stats(n) for n in pre.names})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name].mean, results[0][name].mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[1][name].var, results[0][name].var, rtol=1e-5, atol=1e-6)
