@@ -123,8 +123,8 @@ class BNP:
             preconditioner. Turning it off lets replicas drift apart (for ablations only).
 
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
-    model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it after ``backward()`` (after
-    ``scaler.unscale_(optimizer)`` with AMP) and before ``optimizer.step()``.
+    model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it
+    after ``backward()`` (after ``scaler.unscale_(optimizer)`` with AMP), before ``optimizer.step()``.
     """
 
     def __init__(
@@ -212,12 +212,13 @@ class BNP:
     # A second forward before step(), a forward without autograd (nothing then guards the input
     # against in-place edits), stats() and state_dict() fold first, so no order is ever changed.
     def _record(self, layer: _Layer, x: torch.Tensor) -> None:
-        synced = self._synced()  # then every fold is collective, over all layers at once
+        # under torch.distributed every fold is collective, over all layers at once
+        fold = self._fold_pending if self._synced() else lambda: self._fold(layer)
         if layer.pending is not None:
-            self._fold_pending() if synced else self._fold(layer)
+            fold()
         layer.pending = x
         if not torch.is_grad_enabled():
-            self._fold_pending() if synced else self._fold(layer)
+            fold()
 
     def _synced(self) -> bool:
         return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
