@@ -34,7 +34,7 @@ def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: lis
 
 
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
-                   smoke_fixed: list[str] = (), argv: list[str] | None = None) -> Path:
+                   smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=f"experiment {name}: sweep + report")
     parser.add_argument("--smoke", action="store_true", help="tiny offline variant (about a minute on CPU)")
     parser.add_argument("--launcher", default=None, help="basic | local (default: local, smoke: basic)")
@@ -56,7 +56,7 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
             print(f"[experiment {sweep_name}] sweep {i}/{len(cmds)}: {shlex.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
     results = Path(args.results or (ROOT / "results" / sweep_name))
-    report(sweep_dir, results, argv=[str(sweep_dir), "--out", str(results)])
+    report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
     with open(results / "PROVENANCE.md", "a") as f:
         f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
                 f" ({len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)})\n")

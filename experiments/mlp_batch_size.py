@@ -21,4 +21,4 @@ SMOKE_FIXED = ["data=digits", "train.steps=40", "train.eval_every=20", "train.lo
                "model.width=32"]
 
 if __name__ == "__main__":
-    run_experiment("mlp_batch_size", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED)
+    run_experiment("mlp_batch_size", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)

@@ -20,4 +20,4 @@ SMOKE_FIXED = ["data=digits", "train.steps=40", "train.eval_every=20", "train.lo
                "model.width=32", "model.channels=[4,8]"]
 
 if __name__ == "__main__":
-    run_experiment("online", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED)
+    run_experiment("online", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
