@@ -72,7 +72,7 @@ class ModelConfig:
 class NormConfig:
     kind: str = "none"  # none | bn | bnp | ln | gn
     # BNP options (used when kind == bnp); see bnp.BNP
-    momentum: float = 0.1
+    momentum: Optional[float] = None  # null = auto: min(0.1, batch size / 100)
     eps: float = 0.01
     warmup: int = 0
     center: bool = True
@@ -81,7 +81,8 @@ class NormConfig:
 
     def __post_init__(self) -> None:
         _choice("norm.kind", self.kind, NORMS)
-        _check("norm.momentum", 0 < self.momentum <= 1, "in (0, 1]", self.momentum)
+        _check("norm.momentum", self.momentum is None or 0 < self.momentum <= 1, "null (auto) or in (0, 1]",
+               self.momentum)
         _check("norm.eps", self.eps > 0 and math.isfinite(self.eps), "a finite number > 0", self.eps)
         _check("norm.warmup", self.warmup >= 0, "an integer >= 0", self.warmup)
 

@@ -29,6 +29,7 @@ from torch import distributed as dist
 from torch import nn
 
 TRACKED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+AUTO_WINDOW = 100  # momentum=None: min(0.1, batch / AUTO_WINDOW), >= ~100 samples in the statistics
 
 
 class LayerStats(NamedTuple):
@@ -78,8 +79,9 @@ class _Layer:
 
 
 def _check_options(momentum: Any, eps: Any, warmup: Any, center: Any, scale: Any) -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
-        raise ValueError(f"BNP: momentum must be a number in (0, 1], got {momentum!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 < momentum <= 1):
+        raise ValueError(f"BNP: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"BNP: eps must be a finite number > 0, got {eps!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -110,7 +112,9 @@ class BNP:
 
     Args (keyword-only):
         momentum: weight of the new batch in the running statistics (PyTorch BatchNorm
-            convention), in (0, 1].
+            convention), in (0, 1]; None (default) picks min(0.1, batch size / 100) for each
+            batch: BatchNorm's 0.1 from batch size 10 up, and a window of about 100 samples
+            below, which small batches and online learning need to keep the statistics stable.
         eps: variance floor added to the running variance before dividing; > 0.
         warmup: number of ``step()`` calls that leave gradients unchanged while statistics
             accumulate (useful at batch size 1, where the first variance is 0).
@@ -131,7 +135,7 @@ class BNP:
         self,
         model: nn.Module,
         *,
-        momentum: float = 0.1,
+        momentum: float | None = None,
         eps: float = 1e-2,
         warmup: int = 0,
         center: bool = True,
@@ -154,7 +158,7 @@ class BNP:
                     f"BNP: skip pattern {pattern!r} matches no layer; "
                     f"layers that can be skipped: {sorted(candidates)}"
                 )
-        self.momentum = float(momentum)
+        self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
         self.warmup = warmup
         self.center = center
@@ -237,23 +241,28 @@ class BNP:
             for layer in layers:
                 self._fold(layer)
             return
-        momentum, dtype = self.momentum, self._mean.dtype
+        dtype = self._mean.dtype
+        rows = [self._rows(layer) for layer in layers]
+        momentum = self._alpha(rows[0][0].shape[0])
+        if any(self._alpha(x.shape[0]) != momentum for x, _, _ in rows):  # layers saw different batch sizes
+            for layer in layers:
+                self._fold(layer)
+            return
         if all(layer.dense and layer.pending.numel() == layer.features for layer in layers):
             # one sample per dense layer (online learning): the sample is the batch mean
             x = torch.cat([layer.pending.reshape(-1) for layer in layers]).to(dtype)
             self._mean.lerp_(x, momentum)
             self._var.lerp_(x.sub_(self._mean).square_(), momentum)
         elif self._one_pass(layers[0].pending):
-            moments = [torch.var_mean(x, dims, correction=0) for x, dims, _ in map(self._rows, layers)]
+            moments = [torch.var_mean(x, dims, correction=0) for x, dims, _ in rows]
             batch_mean = torch.cat([m for _, m in moments])
             self._mean.lerp_(batch_mean, momentum)
             # mean_B((a - mu)^2) = var_B + (m_B - mu)^2 with mu the updated running mean
             diff = batch_mean - self._mean
             self._var.lerp_(torch.cat([v for v, _ in moments]).addcmul_(diff, diff), momentum)
         else:
-            batches = [self._rows(layer) for layer in layers]
-            self._mean.lerp_(torch.cat([x.mean(dims) for x, dims, _ in batches]), momentum)
-            self._var.lerp_(torch.cat([(x - mean).square_().mean(dims) for x, dims, mean in batches]), momentum)
+            self._mean.lerp_(torch.cat([x.mean(dims) for x, dims, _ in rows]), momentum)
+            self._var.lerp_(torch.cat([(x - mean).square_().mean(dims) for x, dims, mean in rows]), momentum)
         for layer in layers:
             layer.pending = None
             layer.batches += 1
@@ -292,10 +301,12 @@ class BNP:
                 if layer.batches == 0 and sums[n_feat + i] > 0:
                     sl = slice(layer.offset, layer.offset + layer.features)
                     center[sl] = sums[sl] / sums[n_feat + i]
-        buf = self._mean.new_zeros(2 * n_feat + len(layers))
+        n_layers = len(layers)
+        buf = self._mean.new_zeros(2 * n_feat + 2 * n_layers)  # sums, squared deviations, counts, samples
         for i, (layer, r) in enumerate(zip(layers, rows)):
             if r is not None:
                 x, dims, _ = r
+                buf[2 * n_feat + n_layers + i] = x.shape[0]
                 c = center[layer.offset : layer.offset + layer.features]
                 buf[layer.offset : layer.offset + layer.features] = x.sum(dims)
                 c = c.view(-1, *(1,) * (x.dim() - 2)) if not layer.dense else c
@@ -309,13 +320,18 @@ class BNP:
                 continue
             sl = slice(layer.offset, layer.offset + layer.features)
             m, s, c = buf[sl] / count, buf[n_feat + sl.start : n_feat + sl.stop] / count, center[sl]
+            alpha = self._alpha(int(buf[2 * n_feat + n_layers + i].item()))  # from the global batch
             if layer.batches == 0:
                 layer.mean.copy_(m)
                 layer.var.copy_(s - (m - c).square())
             else:
-                layer.mean.lerp_(m, self.momentum)
-                layer.var.lerp_(s - self.momentum * (2 - self.momentum) * (m - c).square(), self.momentum)
+                layer.mean.lerp_(m, alpha)
+                layer.var.lerp_(s - alpha * (2 - alpha) * (m - c).square(), alpha)
             layer.batches += 1
+
+    def _alpha(self, samples: int) -> float:
+        """The momentum for a batch of ``samples`` samples (rows of a dense input, or images)."""
+        return self.momentum if self.momentum is not None else min(0.1, samples / AUTO_WINDOW)
 
     @staticmethod
     def _one_pass(x: torch.Tensor) -> bool:
@@ -329,21 +345,22 @@ class BNP:
             self._to(layer.pending.device)
         x, dims, mean = self._rows(layer)
         layer.pending = None
+        alpha = self._alpha(x.shape[0])
         if self._one_pass(x):
             batch_var, batch_mean = torch.var_mean(x, dims, correction=0)
             if layer.batches == 0:
                 layer.mean.copy_(batch_mean)
                 layer.var.copy_(batch_var)
             else:
-                layer.mean.lerp_(batch_mean, self.momentum)
+                layer.mean.lerp_(batch_mean, alpha)
                 diff = batch_mean - layer.mean  # mean_B((a - mu)^2) = var_B + (m_B - mu)^2
-                layer.var.lerp_(batch_var.addcmul_(diff, diff), self.momentum)
+                layer.var.lerp_(batch_var.addcmul_(diff, diff), alpha)
         elif layer.batches == 0:
             layer.mean.copy_(x.mean(dims))
             layer.var.copy_((x - mean).square_().mean(dims))
         else:
-            layer.mean.lerp_(x.mean(dims), self.momentum)
-            layer.var.lerp_((x - mean).square_().mean(dims), self.momentum)
+            layer.mean.lerp_(x.mean(dims), alpha)
+            layer.var.lerp_((x - mean).square_().mean(dims), alpha)
         layer.batches += 1
 
     # ------------------------------------------------------------------ preconditioning
@@ -447,7 +464,7 @@ class BNP:
 
     def __repr__(self) -> str:
         options = (
-            f"momentum={self.momentum}, eps={self.eps}, warmup={self.warmup}, "
+            f"momentum={'auto' if self.momentum is None else self.momentum}, eps={self.eps}, warmup={self.warmup}, "
             f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}"
         )
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)

@@ -100,3 +100,20 @@ def test_the_callers_model_is_untouched_and_only_linear_layers():
     assert model[0].weight.dtype == torch.float32
     with pytest.raises(ValueError, match="nn.Linear"):
         layer_conditioning(nn.Sequential(nn.Conv1d(1, 1, 1)), "0", torch.randn(2, 1, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_analysis_never_feeds_a_training_hook():
+    from bnp import BNP
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).train()
+    pre = BNP(model)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model(x)
+    before = {n: pre.stats(n) for n in pre.names}
+    for max_exact in (10_000, 0):
+        layer_conditioning(model, "0", torch.randn(16, 4) * 9 + 5, torch.randint(0, 3, (16,)), max_exact=max_exact,
+                           lanczos_steps=10)
+    assert model.training
+    for n in pre.names:
+        assert torch.equal(pre.stats(n).mean, before[n].mean) and pre.stats(n).batches == before[n].batches

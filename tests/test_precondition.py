@@ -339,6 +339,7 @@ def test_skip_by_class_name_and_glob():
         (dict(momentum=0.0), "momentum"),
         (dict(momentum=1.5), "momentum"),
         (dict(momentum="0.1"), "momentum"),
+        (dict(sync="yes"), "sync"),
         (dict(eps=0.0), "eps"),
         (dict(eps=-1e-3), "eps"),
         (dict(eps=float("nan")), "eps"),
@@ -494,3 +495,17 @@ def test_one_pass_moments_match_the_two_pass_reference(batch, monkeypatch):
     for name in results[0]:
         torch.testing.assert_close(results[1][name].mean, results[0][name].mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[1][name].var, results[0][name].var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,alpha", [(1, 0.01), (4, 0.04), (10, 0.1), (64, 0.1)])
+def test_auto_momentum_is_min_of_bn_default_and_batch_over_100(batch, alpha):
+    torch.manual_seed(13)
+    layer = nn.Linear(5, 2)
+    pre = BNP(layer)  # momentum=None: auto
+    stream = [torch.randn(batch, 5) * 2 + 1 for _ in range(6)]
+    for x in stream:
+        feed(layer, x)
+    mu, var = reference_stats(stream, alpha, (0,))
+    torch.testing.assert_close(pre.stats("").mean.double(), mu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pre.stats("").var.double(), var, rtol=1e-5, atol=1e-6)
+    assert "momentum=auto" in repr(pre)

@@ -78,13 +78,13 @@ def _linear(model: nn.Module, layer: str) -> nn.Linear:
 
 def layer_loss(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy):
     """``(f, theta0)``: ``loss_fn(model(x), y)`` as a function of the layer's flat parameters
-    (rows of [W | b]), every other parameter fixed; evaluated in eval mode."""
+    (rows of [W | b]), every other parameter fixed. The model is put in eval mode (and stays so):
+    BatchNorm uses its running statistics and no training hook sees the analysis batch."""
     module = _linear(model, layer)
     m, n = module.weight.shape
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
     theta0 = torch.cat([module.weight.detach(), module.bias.detach()[:, None]], 1).reshape(-1)
-    was_training = model.training
     model.eval()
 
     def f(theta: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,6 @@ def layer_loss(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, l
         overrides = {**params, **buffers, f"{layer}.weight": block[:, :n], f"{layer}.bias": block[:, n]}
         return loss_fn(functional_call(model, overrides, (x,)), y)
 
-    model.train(was_training)
     return f, theta0
 
 
@@ -182,7 +181,12 @@ def layer_conditioning(model: nn.Module, layer: str, x: torch.Tensor, y: torch.T
     by default the batch statistics of the inputs the layer sees for x. Layers with at most
     ``max_exact`` parameters are diagonalized exactly, larger ones by Lanczos.
     """
-    model = copy.deepcopy(model).double()  # float64 analysis; the caller's model is left alone
+    # a float64 copy without hooks (e.g. a BNP attached to the caller's model must not see the
+    # analysis batch), in eval mode; the caller's model is left alone
+    model = copy.deepcopy(model).double().eval()
+    for module in model.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
     x = x.double()
     if mean is None or var is None:
         a = layer_inputs(model, layer, x)
