@@ -98,11 +98,7 @@ def _locate(cfg: DataConfig, places: list[tuple[str, Path]], read) -> dict[str, 
     """Try each (description, folder) with ``read``; then the download; else one clear error."""
     tried = []
     for description, folder in places:
-        try:
-            result = read(folder)
-        except DataError as err:
-            tried.append(f"{description} {folder}: {err}")
-            continue
+        result = read(folder)  # corrupt or truncated files raise here: never silently skipped
         if result is not None:
             return result
         tried.append(f"{description} {folder}: files not found")
