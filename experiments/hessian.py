@@ -72,8 +72,13 @@ def figure(table: pd.DataFrame, out: Path) -> None:
                 color = NORM_COLORS[norm]
                 ax.plot(median.index, median[f"plain_{suffix}"], color=color, ls="-", label=f"{NORM_LABELS[norm]} run: H")
                 ax.plot(median.index, median[f"pre_{suffix}"], color=color, ls="--", label=f"{NORM_LABELS[norm]} run: UᵀHU")
-            ax.set_yscale("log")
-            ax.set_title(f"{data}, layer {layer}")
+            if group[f"plain_{suffix}"].isna().all():
+                ax.text(0.5, 0.5, "n/a: Lanczos gives no\nspectrum density", ha="center", va="center",
+                        transform=ax.transAxes)
+            else:
+                ax.set_yscale("log")
+            if row == 0:
+                ax.set_title(f"{data}, layer {layer}")
             ax.set_xlabel("training step")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
@@ -94,6 +99,7 @@ def main(argv=None) -> None:
     name = "hessian_smoke" if args.smoke else "hessian"
     sweep = Path(args.out_root) / "sweeps" / name
     started, rows = time.time(), []
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for data in datasets:
             for norm, lr in LR.items():
@@ -130,10 +136,9 @@ def main(argv=None) -> None:
     summary.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(summary.to_markdown(index=False) + "\n")
     figure(table, out)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     (out / "PROVENANCE.md").write_text(
         f"- experiment: `python experiments/hessian.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-        f"- commit: {commit}\n- machine: {platform.node()}, {platform.machine()}, python {platform.python_version()}\n"
+        f"- commit (at start): {commit}\n- machine: {platform.node()}, {platform.machine()}, python {platform.python_version()}\n"
         f"- wall time of this invocation: {time.time() - started:.0f} s\n- date: {time.strftime('%Y-%m-%d %H:%M')}\n")
     print(summary.to_markdown(index=False))
 
