@@ -1,12 +1,18 @@
-"""Model zoo: every model takes the normalization kind and builds its own norm layers."""
+"""Model zoo: every model takes the normalization kind and builds its own norm layers.
+(Only torch is needed here: the models work without Hydra / OmegaConf installed.)"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from torch import nn
-
-from bnp.config import ModelConfig
 from bnp.models.cnn import CNN
 from bnp.models.mlp import MLP
 from bnp.models.norm import NORMS, make_norm
 from bnp.models.resnet import CIFAR_DEPTHS, CifarResNet, resnet18
+
+if TYPE_CHECKING:
+    from bnp.config import ModelConfig
 
 __all__ = ["CNN", "MLP", "NORMS", "CifarResNet", "build_model", "make_norm", "resnet18"]
 
