@@ -27,6 +27,16 @@ from bnp.distributed import summed
 from bnp.log import RunLog
 
 
+def plan(train_samples: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) for a training set of ``train_samples`` (incomplete last
+    batches are dropped; ``cfg.steps`` overrides ``cfg.epochs``)."""
+    steps_per_epoch = train_samples // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_samples} samples)")
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    return steps_per_epoch, total
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped by a signal after saving a resumable checkpoint."""
 
@@ -62,12 +72,7 @@ class Trainer:
             self.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         self.batch_size = cfg.batch_size  # global; each process takes batch_size / world of it
         self.local_batch = cfg.batch_size // world
-        self.steps_per_epoch = len(data.train_x) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"train.batch_size={cfg.batch_size} is larger than the training set ({len(data.train_x)} samples)"
-            )
-        self.total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.steps_per_epoch, self.total_steps = plan(len(data.train_x), cfg)
         self.eval_every = cfg.eval_every or max(1, self.steps_per_epoch // cfg.evals_per_epoch)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext

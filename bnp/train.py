@@ -32,7 +32,7 @@ from bnp import BNP, distributed
 from bnp.config import ConfigError, NotApplicable, RunConfig, check_applicable, validate
 from bnp.data import DataError, load
 from bnp.log import RunLog, read_json, write_json
-from bnp.loop import Trainer
+from bnp.loop import Trainer, plan
 from bnp.models import build_model
 from bnp.optim import build_optimizer
 
@@ -136,8 +136,10 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
         n = config.norm
         pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
                   skip=tuple(n.skip))
-    steps_per_epoch = max(1, len(data.train_x) // config.train.batch_size)
-    total = config.train.steps or max(1, round(config.train.epochs * steps_per_epoch))
+    try:
+        steps_per_epoch, total = plan(len(data.train_x), config.train)
+    except ValueError as err:  # a batch larger than the training set: a config error
+        raise ConfigError(str(err)) from None
     optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch)
     log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
     summary = {**base, "status": "failed", "device": str(device), "processes": world}
