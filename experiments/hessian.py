@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     figure(table, out)
     (out / "PROVENANCE.md").write_text(
         f"- experiment: `python experiments/hessian.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-        f"- commit (at start): {commit}\n- machine: {platform.node()}, {platform.machine()}, python {platform.python_version()}\n"
+        f"- commit: {commit} (at start)\n- machine: {platform.node()}, {platform.machine()}, python {platform.python_version()}\n"
         f"- wall time of this invocation: {time.time() - started:.0f} s\n- date: {time.strftime('%Y-%m-%d %H:%M')}\n")
     print(summary.to_markdown(index=False))
 
