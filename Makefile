@@ -62,6 +62,6 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
 
 clean: ## remove caches (keeps .venv and results)
-	rm -rf .pytest_cache **/__pycache__
+	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 .PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-resnet fig-hessian reproduce smoke
