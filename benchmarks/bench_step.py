@@ -5,7 +5,8 @@
     python benchmarks/bench_step.py --out results/bench   # also write <out>/<device>.{md,csv}
 
 A step is: slice a batch from an on-device dataset, forward, cross-entropy, backward, (BNP step),
-SGD step. For every (model, batch size, norm) it alternates short blocks of the plain step and the
+SGD step. Norm bnp is BNP(fast=True), as the runner uses it; bnp-ref the reference path that
+rewrites .grad after backward. For every (model, batch size, norm) it alternates short blocks of the plain step and the
 normalized step in the same process (machine noise hits both alike) and reports the median time
 per step of each, steps/s, samples/s, the ratio norm / plain, and memory: peak CUDA memory on GPU,
 the bytes of parameters + gradients + normalization state on CPU (BNP's own state in brackets).
@@ -39,8 +40,9 @@ class Setup:
     def __init__(self, model_key: str, norm: str, batch_size: int, device: torch.device):
         torch.manual_seed(0)
         _, build, shape = MODELS[model_key]
-        self.model = build(norm).to(device).train()
-        self.pre = BNP(self.model) if norm == "bnp" else None
+        self.model = build("bnp" if norm == "bnp-ref" else norm).to(device).train()
+        # bnp: the runner's BNP(fast=True); bnp-ref: the reference path that rewrites .grad after backward
+        self.pre = BNP(self.model, fast=norm == "bnp") if norm in ("bnp", "bnp-ref") else None
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         n = 2048 if batch_size < 128 else 8 * batch_size
         self.x = torch.randn(n, *shape, device=device) * 3 + 1
@@ -102,7 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--norms", nargs="+", default=["bnp", "bn", "ln"])
+    parser.add_argument("--norms", nargs="+", default=["bnp", "bnp-ref", "bn", "ln"],
+                        choices=["bnp", "bnp-ref", "bn", "ln", "gn"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 128])
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per comparison")
     parser.add_argument("--out", type=Path, help="write <out>/<device>.md and .csv")
@@ -120,8 +123,8 @@ def main() -> None:
                     continue  # BatchNorm1d cannot train on one sample
                 row = compare(model_key, norm, batch_size, device, args.seconds)
                 rows.append(row)
-                print(f"{row['model']:26} batch {batch_size:4d} {norm:4}: plain {row['plain_ms']:8.3f} ms, "
-                      f"{norm} {row['norm_ms']:8.3f} ms, ratio {row['ratio']:5.2f}, "
+                print(f"{row['model']:26} batch {batch_size:4d} {norm:7}: plain {row['plain_ms']:8.3f} ms, "
+                      f"{norm:7} {row['norm_ms']:8.3f} ms, ratio {row['ratio']:5.2f}, "
                       f"{row['samples_per_s']:9.0f} samples/s, {row['memory_MiB']:7.1f} MiB", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

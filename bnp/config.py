@@ -78,6 +78,7 @@ class NormConfig:
     center: bool = True
     scale: bool = True
     skip: list[str] = field(default_factory=list)
+    fast: bool = True  # Linear gradients preconditioned inside backward (same numbers, less memory traffic)
 
     def __post_init__(self) -> None:
         _choice("norm.kind", self.kind, NORMS)

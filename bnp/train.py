@@ -135,7 +135,7 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
     if config.norm.kind == "bnp":
         n = config.norm
         pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
-                  skip=tuple(n.skip))
+                  skip=tuple(n.skip), fast=n.fast)
     try:
         steps_per_epoch, total = plan(len(data.train_x), config.train)
     except ValueError as err:  # a batch larger than the training set: a config error

@@ -12,8 +12,8 @@ from bnp.sweep import run_experiment
 
 SEEDS = "0,1,2"
 GRIDS = [
-    {"model": "mlp", "norm": "none,bn,bnp,ln,gn", "optim.lr": "0.001,0.003,0.01,0.03", "train.seed": SEEDS},
-    {"model": "cnn", "norm": "none,bn,bnp,ln", "optim.lr": "0.001,0.003,0.01", "train.seed": SEEDS},
+    {"model": "mlp", "norm": "none,bn,bnp,ln,gn", "optim.lr": "0.0003,0.001,0.003,0.01,0.03", "train.seed": SEEDS},
+    {"model": "cnn", "norm": "none,bn,bnp,ln", "optim.lr": "0.001,0.003,0.01,0.03", "train.seed": SEEDS},
 ]
 SMOKE_GRIDS = [{"model": "mlp,cnn", "norm": "none,bnp,ln", "optim.lr": "0.01", "train.seed": "0"}]
 SMOKE_FIXED = ["data=digits", "train.steps=40", "train.eval_every=20", "train.log_every=10", "logger=none",

@@ -187,6 +187,7 @@ def layer_conditioning(model: nn.Module, layer: str, x: torch.Tensor, y: torch.T
     for module in model.modules():
         module._forward_pre_hooks.clear()
         module._forward_hooks.clear()
+        vars(module).pop("forward", None)  # BNP(fast=True)'s forward: back to the class's own
     x = x.double()
     if mean is None or var is None:
         a = layer_inputs(model, layer, x)

@@ -1,0 +1,218 @@
+"""BNP(fast=True) computes Linear gradients inside backward; it must equal the reference path."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnp import BNP
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+class Unsqueeze(nn.Module):
+    def forward(self, x):
+        return x.unsqueeze(-2)
+
+
+def conv_net(dtype=torch.float64):
+    """Linear layers around a Conv1d (which stays on the reference path under fast=True)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.Tanh(), Unsqueeze(), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3)
+    ).to(dtype)
+
+
+def batches(n, batch, features=6, gen_seed=1, dtype=torch.float64, extra_dims=()):
+    gen = torch.Generator().manual_seed(gen_seed)
+    scale = torch.logspace(-1, 1, features, dtype=dtype)
+    return [
+        (
+            torch.randn(batch, *extra_dims, features, generator=gen, dtype=dtype) * scale + 2,
+            torch.randint(0, 3, (batch, *extra_dims), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def loss_of(model, x, y):
+    out = model(x)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def train(model, pre, data, *, lr=0.05, accumulate=1, order="interleaved"):
+    """SGD with momentum; ``accumulate`` forwards per step, backward after each or after all."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for i in range(0, len(data), accumulate):
+        opt.zero_grad()
+        chunk = data[i : i + accumulate]
+        if order == "interleaved":
+            for x, y in chunk:
+                loss_of(model, x, y).backward()
+        else:  # all forwards first, one backward of the summed loss
+            sum(loss_of(model, x, y) for x, y in chunk).backward()
+        pre.step()
+        opt.step()
+    return model
+
+
+def assert_same_training(build, data, tol=F64, **options):
+    train_kw = {k: options.pop(k) for k in ("accumulate", "order") if k in options}
+    reference, fast = build(), build()
+    ref_pre, fast_pre = BNP(reference, **options), BNP(fast, fast=True, **options)
+    train(reference, ref_pre, data, **train_kw)
+    train(fast, fast_pre, data, **train_kw)
+    for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")
+    for name in ref_pre.names:
+        torch.testing.assert_close(fast_pre.stats(name).var, ref_pre.stats(name).var, **tol)
+    return fast_pre
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fast_training_equals_reference(batch):
+    pre = assert_same_training(conv_net, batches(12, batch))
+    assert [layer.fast for layer in pre._layers] == [True, False, True]
+
+
+def test_fast_with_sequence_inputs_and_bias_free_layers():
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    assert_same_training(build, batches(6, 4, extra_dims=(5,)))
+
+
+def test_fast_with_frozen_bias_only_scales():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        model[0].bias.requires_grad_(False)
+        return model
+
+    assert_same_training(build, batches(6, 4))
+
+
+@pytest.mark.parametrize("center,scale", [(True, False), (False, True), (False, False)])
+def test_fast_center_and_scale_switches(center, scale):
+    assert_same_training(conv_net, batches(6, 4), center=center, scale=scale)
+
+
+def test_fast_warmup_and_fixed_momentum():
+    assert_same_training(conv_net, batches(8, 1), warmup=3, momentum=0.3)
+
+
+@pytest.mark.parametrize("order", ["interleaved", "together"])
+def test_two_forwards_per_step_fall_back_to_the_reference_exactly(order):
+    assert_same_training(conv_net, batches(12, 2), accumulate=3, order=order)
+
+
+def test_a_layer_used_twice_in_one_forward():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp, self.shared, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.shared(torch.tanh(self.shared(torch.tanh(self.inp(x)))))))
+
+    assert_same_training(lambda: Twice().double(), batches(6, 4))
+
+
+def test_eval_mode_backward_is_preconditioned_on_the_reference_path():
+    data = batches(3, 4)
+    reference, fast = conv_net(), conv_net()
+    ref_pre, fast_pre = BNP(reference), BNP(fast, fast=True)
+    for model, pre in ((reference, ref_pre), (fast, fast_pre)):
+        train(model, pre, data[:2])
+        model.eval()  # statistics frozen, gradients still preconditioned
+        loss_of(model, *data[2]).backward()
+        pre.step()
+    for a, b in zip(reference.parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **F64)
+
+
+def test_input_gradients_match():
+    reference, fast = conv_net(), conv_net()
+    BNP(reference), BNP(fast, fast=True)
+    x, y = batches(1, 5)[0]
+    grads = []
+    for model in (reference, fast):
+        xr = x.clone().requires_grad_()
+        loss_of(model, xr, y).backward()
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[1], grads[0], **F64)
+
+
+def test_fast_float32_matches_to_float_tolerance():
+    assert_same_training(lambda: conv_net(torch.float32), batches(20, 1, dtype=torch.float32),
+                         tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def test_fast_cpu_amp_and_bfloat16_model_match_the_reference_loosely():
+    data = batches(10, 8, dtype=torch.float32)
+    results = []
+    for fast in (False, True):
+        model = conv_net(torch.float32)
+        pre = BNP(model, fast=fast)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for x, y in data:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of(model, x, y)
+            loss.backward()
+            pre.step()
+            opt.step()
+        results.append(model)
+    for a, b in zip(*(m.parameters() for m in results)):
+        torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+
+    models = [conv_net(torch.bfloat16), conv_net(torch.bfloat16)]
+    pres = [BNP(models[0]), BNP(models[1], fast=True)]
+    x, y = data[0]
+    for model, pre in zip(models, pres):
+        loss_of(model, x.to(torch.bfloat16), y).float().backward()
+        pre.step()
+        assert model[0].weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(models[1][0].weight.grad.float(), models[0][0].weight.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_state_dict_round_trip_remove_and_repr():
+    data = batches(8, 2)
+    model = conv_net()
+    pre = BNP(model, fast=True)
+    train(model, pre, data[:4])
+    clone = conv_net()
+    clone.load_state_dict(model.state_dict())
+    clone_pre = BNP(clone, fast=True)
+    clone_pre.load_state_dict(copy.deepcopy(pre.state_dict()))
+    train(model, pre, data[4:])
+    train(clone, clone_pre, data[4:])  # (fresh optimizers: momentum restarts in both alike)
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+    assert "fast=True" in repr(clone_pre)
+    pre.remove()  # the model is plain again
+    assert "forward" not in vars(model[0])
+    model.train()
+    model(data[0][0])
+    assert pre.stats("0").batches == 8  # the removed hooks saw nothing more
+    with pytest.raises(ValueError, match="fast must be True or False"):
+        BNP(conv_net(), fast="yes")
+
+
+def test_deepcopy_of_a_fast_model_is_bound_to_the_copy():
+    data = batches(4, 2)
+    model = conv_net()
+    pre = BNP(model, fast=True)
+    train(model, pre, data[:2])
+    twin = copy.deepcopy(model)
+    twin_pre = twin[0].forward.pre  # the copy carries its own preconditioner
+    assert twin_pre is not pre and twin_pre._layers[0].module is twin[0]
+    train(model, pre, data[2:])
+    train(twin, twin_pre, data[2:])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert twin.double()(data[0][0]).dtype == torch.float64
