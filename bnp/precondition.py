@@ -55,7 +55,8 @@ class _Layer:
         self.name = name
         self.module = module
         self.weight = weight
-        self.bias = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else None
+        self.bias_param = bias if isinstance(bias, torch.Tensor) else None
+        self.bias = self.bias_param if bias is not None and self.bias_param.requires_grad else None
         self.dense = isinstance(module, nn.Linear)
         self.groups = 1 if self.dense else module.groups
         self.features = module.in_features if self.dense else module.in_channels
@@ -129,15 +130,14 @@ class _FastLinear(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w, grad_b = ctx.pre._input_side_grads(ctx.layer, x, grad_out, ctx.needs_input_grad[2])
+        if ctx.needs_input_grad[0]:  # under autocast, x and the weight may be wider than grad_out
+            grad_x = grad_out.matmul(weight if weight.dtype == grad_out.dtype else weight.to(grad_out.dtype))
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
+        grad_w, grad_b = ctx.pre._input_side_grads(ctx.layer, x, grad_out, ctx.needs_input_grad[2])
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -164,18 +164,18 @@ class _FastForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         pre, layer = self.pre, self.layer
-        module = layer.module
-        grad = torch.is_grad_enabled() and module.weight.requires_grad
-        if module.training or grad:
-            fast = grad and module.training and layer.forwards == 0 and not layer.deferred and not pre._distributed()
-            if not fast:
-                pre._defer(layer)  # before this input changes the statistics
+        module, weight = layer.module, layer.weight
+        training, grad = module.training, torch.is_grad_enabled() and weight.requires_grad
+        if training and grad and layer.forwards == 0 and not layer.deferred and not pre._distributed():
+            layer.forwards = 1
+            pre._record(layer, x.detach())
+            return _FastLinear.apply(x, weight, layer.bias_param, pre, layer)
+        if training or grad:
+            pre._defer(layer)  # before this input changes the statistics
             layer.forwards += 1
-            if module.training:
+            if training:
                 pre._record(layer, x.detach())
-            if fast:
-                return _FastLinear.apply(x, module.weight, module.bias, pre, layer)
-        return F.linear(x, module.weight, module.bias)
+        return F.linear(x, weight, layer.bias_param)
 
 
 class BNP:
@@ -255,6 +255,7 @@ class BNP:
             if any(_matches(p, name, module) for p in patterns):
                 continue
             layer = _Layer(name, module, offset)
+            layer.index = len(self._layers)
             offset += layer.features
             self._layers.append(layer)
         if not self._layers:
@@ -269,7 +270,10 @@ class BNP:
         # All statistics live in two flat buffers (mean, var); each layer holds views into them.
         self._mean = torch.zeros(offset, dtype=dtype, device=device)
         self._var = torch.zeros(offset, dtype=dtype, device=device)
-        self._derived: tuple[torch.Tensor | None, torch.Tensor | None] | None = None  # (inv, shift), per step
+        self._sizes = [layer.features for layer in self._layers]
+        self._all_dense = all(layer.dense for layer in self._layers)
+        self._derived = None  # (inv, shift) per layer, recomputed once per step: see _derived_stats
+        self._ones_cache: dict[int, torch.Tensor] = {}
         self._bind()
         for layer in self._layers:
             if fast and layer.dense:
@@ -295,13 +299,18 @@ class BNP:
     # A second forward before step(), a forward without autograd (nothing then guards the input
     # against in-place edits), stats() and state_dict() fold first, so no order is ever changed.
     def _record(self, layer: _Layer, x: torch.Tensor) -> None:
-        # under torch.distributed every fold is collective, over all layers at once
-        fold = self._fold_pending if self._synced() else lambda: self._fold(layer)
         if layer.pending is not None:
-            fold()
+            self._fold_now(layer)
         layer.pending = x
         if not torch.is_grad_enabled():
-            fold()
+            self._fold_now(layer)
+
+    def _fold_now(self, layer: _Layer) -> None:
+        # under torch.distributed every fold is collective, over all layers at once
+        if self._synced():
+            self._fold_pending()
+        else:
+            self._fold(layer)
 
     @staticmethod
     def _distributed() -> bool:
@@ -326,18 +335,18 @@ class BNP:
                 self._fold(layer)
             return
         dtype = self._mean.dtype
+        if self._all_dense:
+            counts = {layer.pending.numel() // layer.features for layer in layers}
+            if len(counts) == 1:  # every layer saw the same rows (an MLP): fold them as one matrix
+                self._fold_rows(layers, counts.pop())
+                return
         rows = [self._rows(layer) for layer in layers]
         momentum = self._alpha(rows[0][0].shape[0])
         if any(self._alpha(x.shape[0]) != momentum for x, _, _ in rows):  # layers saw different batch sizes
             for layer in layers:
                 self._fold(layer)
             return
-        if all(layer.dense and layer.pending.numel() == layer.features for layer in layers):
-            # one sample per dense layer (online learning): the sample is the batch mean
-            x = torch.cat([layer.pending.reshape(-1) for layer in layers]).to(dtype)
-            self._mean.lerp_(x, momentum)
-            self._var.lerp_(x.sub_(self._mean).square_(), momentum)
-        elif self._one_pass(layers[0].pending):
+        if self._one_pass(layers[0].pending):
             moments = [torch.var_mean(x, dims, correction=0) for x, dims, _ in rows]
             batch_mean = torch.cat([m for _, m in moments])
             self._mean.lerp_(batch_mean, momentum)
@@ -347,6 +356,29 @@ class BNP:
         else:
             self._mean.lerp_(torch.cat([x.mean(dims) for x, dims, _ in rows]), momentum)
             self._var.lerp_(torch.cat([(x - mean).square_().mean(dims) for x, dims, mean in rows]), momentum)
+        for layer in layers:
+            layer.pending = None
+            layer.batches += 1
+
+    def _fold_rows(self, layers: list[_Layer], n: int) -> None:
+        """Fold dense inputs of ``n`` rows each, side by side in one (n, features) matrix: a few
+        flat operations for all layers (the copy is ours, so it is centered in place)."""
+        x = torch.cat([layer.pending.reshape(n, layer.features) for layer in layers], dim=1)
+        if x.dtype != self._mean.dtype:
+            x = x.to(self._mean.dtype)
+        momentum = self._alpha(n)
+        if n == 1:  # one sample (online learning): it is the batch mean
+            x = x.view(-1)
+            self._mean.lerp_(x, momentum)
+            self._var.lerp_(x.sub_(self._mean).square_(), momentum)
+        elif self._one_pass(x):
+            batch_var, batch_mean = torch.var_mean(x, 0, correction=0)
+            self._mean.lerp_(batch_mean, momentum)
+            diff = batch_mean - self._mean  # mean_B((a - mu)^2) = var_B + (m_B - mu)^2
+            self._var.lerp_(batch_var.addcmul_(diff, diff), momentum)
+        else:
+            self._mean.lerp_(x.mean(0), momentum)
+            self._var.lerp_(x.sub_(self._mean).square_().mean(0), momentum)
         for layer in layers:
             layer.pending = None
             layer.batches += 1
@@ -465,13 +497,24 @@ class BNP:
             layer.forwards, layer.fast_grads, layer.deferred = 0, False, False
         self._derived = None  # per-step temporaries: the persistent state stays (mean, var)
 
-    def _derived_stats(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """1 / (sigma2 + eps) and -mu / (sigma2 + eps) for all layers at once, once per step."""
+    def _derived_stats(self) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Per layer (in order), 1 / (sigma2 + eps) and -mu / (sigma2 + eps): computed for all
+        layers at once, once per step, and split into views."""
         if self._derived is None:
-            inv = torch.reciprocal(self._var + self.eps) if self.scale else None
-            shift = self._mean * inv.neg() if inv is not None and self.center else None
+            inv = shift = None
+            if self.scale:
+                inv = torch.add(self._var, self.eps).reciprocal_()
+                if self.center:
+                    shift = (self._mean * inv).neg_().split(self._sizes)
+                inv = inv.split(self._sizes)
             self._derived = (inv, shift)
         return self._derived
+
+    def _ones(self, n: int) -> torch.Tensor:
+        ones = self._ones_cache.get(n)
+        if ones is None or ones.device != self._mean.device:
+            ones = self._ones_cache[n] = self._mean.new_ones(n)
+        return ones
 
     def _input_side_grads(
         self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, need_bias: bool
@@ -481,27 +524,35 @@ class BNP:
         if layer.pending is not None:
             self._fold_pending()  # the statistics include this batch, as in the reference order
         dtype = self._mean.dtype
-        a = x.reshape(-1, layer.features).to(dtype)
-        delta = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        a = x if x.dim() == 2 else x.reshape(-1, layer.features)
+        delta = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
+        if a.dtype != dtype:
+            a = a.to(dtype)
+        if delta.dtype != dtype:
+            delta = delta.to(dtype)
         precondition = not layer.deferred and self.steps >= self.warmup and layer.batches > 0
         center = precondition and self.center and layer.bias is not None
         if precondition:
             inv, shift = self._derived_stats()
-            if inv is not None and center:
-                a = torch.addcmul(shift[layer.span], a, inv[layer.span])  # (a - mu) / D2
+            if shift is not None and center:
+                a = torch.addcmul(shift[layer.index], a, inv[layer.index])  # (a - mu) / D2
             elif inv is not None:
-                a = a * inv[layer.span]
+                a = a * inv[layer.index]
             elif center:
                 a = a - layer.mean
             layer.fast_grads = True
-        grad_w = delta.t().mm(a).to(layer.weight.dtype)
+        delta_t = delta.t()
+        grad_w = delta_t * a if a.shape[0] == 1 else delta_t.mm(a)  # one sample: an outer product
+        if grad_w.dtype != layer.weight.dtype:
+            grad_w = grad_w.to(layer.weight.dtype)
         if not need_bias:
             return grad_w, None
         if center:  # Delta^T (1 - a_hat mu)
-            grad_b = delta.t().mv(torch.addmv(a.new_ones(a.shape[0]), a, layer.mean, alpha=-1))
+            grad_b = delta_t.mv(torch.addmv(self._ones(a.shape[0]), a, layer.mean, alpha=-1))
         else:
             grad_b = delta.sum(0)
-        return grad_w, grad_b.to(layer.module.bias.dtype)
+        bias = layer.bias_param
+        return grad_w, grad_b if grad_b.dtype == bias.dtype else grad_b.to(bias.dtype)
 
     @torch.no_grad()
     def _defer(self, layer: _Layer) -> None:
@@ -550,7 +601,10 @@ class BNP:
                 value=-1,
             )
         if inv is not None:  # / (sigma2 + eps)
-            torch._foreach_mul_([Gw for _, _, Gw, _ in work], [inv[l.span].view(l.shape_stats) for l, _, _, _ in work])
+            torch._foreach_mul_(
+                [Gw for _, _, Gw, _ in work],
+                [inv[l.index] if l.dense else inv[l.index].view(l.shape_stats) for l, _, _, _ in work],
+            )
         for layer, G, Gw, g in work:
             if g is not None:
                 self._correct_bias(layer, G, Gw, g)
