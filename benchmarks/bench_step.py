@@ -6,10 +6,11 @@
 
 A step is: slice a batch from an on-device dataset, forward, cross-entropy, backward, (BNP step),
 SGD step. Norm bnp is BNP(fast=True), as the runner uses it; bnp-ref the reference path that
-rewrites .grad after backward. For every (model, batch size, norm) it alternates short blocks of the plain step and the
-normalized step in the same process (machine noise hits both alike) and reports the median time
-per step of each, steps/s, samples/s, the ratio norm / plain, and memory: peak CUDA memory on GPU,
-the bytes of parameters + gradients + normalization state on CPU (BNP's own state in brackets).
+rewrites .grad after backward. For every (model, batch size, norm) it alternates short blocks of
+the plain step and the normalized step in the same process (machine noise hits both alike) and
+reports the median time per step of each, steps/s, samples/s, the ratio norm / plain, and memory:
+peak CUDA memory on GPU, the bytes of parameters + gradients + normalization state on CPU (BNP's
+own state in brackets).
 """
 
 from __future__ import annotations
@@ -108,8 +109,11 @@ def main() -> None:
                         choices=["bnp", "bnp-ref", "bn", "ln", "gn"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 128])
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per comparison")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); files get a -<N>t suffix")
     parser.add_argument("--out", type=Path, help="write <out>/<device>.md and .csv")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     header = (f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads, "
@@ -129,12 +133,12 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         table = pd.DataFrame(rows)
-        stem = args.out / device.type
+        stem = args.out / (device.type + (f"-{args.threads}t" if args.threads else ""))
         table.to_csv(stem.with_suffix(".csv"), index=False)
         memory_note = "peak CUDA memory" if device.type == "cuda" else "params + grads + buffers + BNP state"
         stem.with_suffix(".md").write_text(
             f"{header}\n\ncommand: `python benchmarks/bench_step.py --device {args.device} --seconds {args.seconds} "
-            f"--out {args.out}`; memory_MiB: {memory_note}\n\n" + table.round(4).to_markdown(index=False) + "\n")
+            f"{f'--threads {args.threads} ' if args.threads else ''}--out {args.out}`; memory_MiB: {memory_note}\n\n" + table.round(4).to_markdown(index=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,62 @@ def test_deepcopy_of_a_fast_model_is_bound_to_the_copy():
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     assert twin.double()(data[0][0]).dtype == torch.float64
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_fast_on_cuda_matches_the_reference_on_cpu():
+    data = batches(10, 4, dtype=torch.float32)
+    reference, fast = conv_net(torch.float32), conv_net(torch.float32).cuda()
+    ref_pre, fast_pre = BNP(reference), BNP(fast, fast=True)
+    train(reference, ref_pre, data)
+    train(fast, fast_pre, [(x.cuda(), y.cuda()) for x, y in data])
+    for a, b in zip(reference.parameters(), fast.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_whole_step_cuda_graph_replays_the_eager_step():
+    """Capture forward, backward, BNP and SGD in one CUDA graph; replays equal eager steps."""
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+    data_x = (torch.randn(64, 6, generator=gen) * 2 + 1).to(device)
+    data_y = torch.randint(0, 3, (64,), generator=gen).to(device)
+
+    def setup():
+        model = conv_net(torch.float32).to(device)
+        pre = BNP(model, fast=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        position = torch.zeros((), dtype=torch.long, device=device)
+
+        def step():
+            index = position + torch.arange(2, device=device)
+            position.add_(2).remainder_(62)
+            opt.zero_grad(set_to_none=False)
+            loss_of(model, data_x.index_select(0, index), data_y.index_select(0, index)).backward()
+            pre.step()
+            opt.step()
+
+        return model, pre, step
+
+    eager_model, _, eager_step = setup()
+    model, pre, step = setup()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(5):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(5):
+        eager_step()
+    for _ in range(30):
+        eager_step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
