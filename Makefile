@@ -48,16 +48,19 @@ fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> res
 fig-cnn: setup ## claim 4: CNN on Fashion-MNIST -> results/cnn
 	$(PY) experiments/cnn.py
 
+fig-cnn-momentum: setup ## claim 4 at a longer budget: CNN, SGD momentum 0.9, cosine, 6 epochs -> results/cnn_momentum
+	$(PY) experiments/cnn_momentum.py
+
 fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/resnet
 	$(PY) experiments/resnet.py
 
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py
 
-reproduce: fig-mlp-batch-size fig-online fig-cnn fig-resnet fig-hessian ## every paper-claim experiment
+reproduce: fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
-	for e in mlp_batch_size online cnn resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
+	for e in mlp_batch_size online cnn cnn_momentum resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -65,4 +68,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-resnet fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian reproduce smoke

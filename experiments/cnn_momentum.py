@@ -1,0 +1,17 @@
+"""Claim 4 at a longer budget: CNN 16-16-32-32 on Fashion-MNIST, batch 128, SGD momentum 0.9 with a
+cosine schedule over 6 epochs, for no norm, BatchNorm, BNP and GroupNorm.
+
+    python experiments/cnn_momentum.py           # full sweep (3 seeds) -> results/cnn_momentum
+    python experiments/cnn_momentum.py --smoke   # tiny offline variant (digits)
+"""
+
+from bnp.sweep import run_experiment
+
+NORMS, SEEDS = "none,bn,bnp,gn", "0,1,2"
+GRIDS = [{"norm": NORMS, "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1", "train.seed": SEEDS}]
+SMOKE_GRIDS = [{"norm": NORMS, "train.batch_size": "8", "optim.lr": "0.01", "train.seed": "0"}]
+SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
+               "model.channels=[4,8]"]
+
+if __name__ == "__main__":
+    run_experiment("cnn_momentum", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
