@@ -26,9 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
              out_root: str) -> list[list[str]]:
+    """One multirun per grid. An override of a grid key (e.g. ``norm=none,bnp``) replaces that
+    key's values in every grid instead of being passed twice."""
+    replaced = dict(o.split("=", 1) for o in fixed if "=" in o and any(o.split("=", 1)[0] in g for g in grids))
+    fixed = [o for o in fixed if o.split("=", 1)[0] not in replaced]
     return [
         [sys.executable, "-m", "bnp.train", "-m", f"experiment={name}", f"name={sweep_name}", f"launcher={launcher}",
-         f"out_root={out_root}", *fixed, *(f"{k}={v}" for k, v in grid.items())]
+         f"out_root={out_root}", *fixed, *(f"{k}={replaced.get(k, v)}" for k, v in grid.items())]
         for grid in grids
     ]
 
@@ -42,7 +46,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     parser.add_argument("--results", default=None, help="report directory (default: results/NAME)")
     parser.add_argument("--report-only", action="store_true", help="skip the sweep, redo the report")
     parser.add_argument("--suffix", default="", help="variant name, e.g. mnist: sweep NAME_mnist")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
+                        "one of a grid's keys replaces its values, e.g. norm=none,bnp")
     args = parser.parse_args(argv)
     sweep_name = name + (f"_{args.suffix}" if args.suffix else "") + ("_smoke" if args.smoke else "")
     launcher = args.launcher or ("basic" if args.smoke else "local")

@@ -5,6 +5,7 @@ can be had. Sized for a GPU: 30 epochs, SGD + Nesterov momentum, cosine schedule
     python experiments/resnet.py --suffix cifar10 data=cifar10     # CIFAR-10 (augmented)
     python experiments/resnet.py --suffix cifar100 data=cifar100
     python experiments/resnet.py --smoke                           # tiny offline variant (digits)
+    python experiments/resnet.py --suffix cpu train.epochs=2 norm=none,bn,bnp   # CPU-sized -> results/resnet_cpu
 """
 
 from bnp.sweep import run_experiment

@@ -51,3 +51,14 @@ def test_report_tables_and_figures(compose, tmp_path):
 def test_steps_to_target():
     rows = [{"step": 0, "val_acc": 0.1}, {"step": 5, "train_loss": 1.0}, {"step": 10, "val_acc": 0.8}]
     assert steps_to_target(rows, 0.5) == 10 and math.isnan(steps_to_target(rows, 0.9))
+
+
+def test_experiment_overrides_replace_grid_values():
+    from bnp.sweep import commands
+
+    grids = [{"norm": "none,bn,bnp", "optim.lr": "0.1,0.3"}, {"norm": "none,bn,bnp", "train.batch_size": "1"}]
+    cmds = commands("cnn", "cnn_x", grids, ["norm=none,bnp", "train.epochs=3"], "local", "outputs")
+    assert [c[c.index("train.epochs=3") + 1 :] for c in cmds] == [
+        ["norm=none,bnp", "optim.lr=0.1,0.3"], ["norm=none,bnp", "train.batch_size=1"]
+    ]
+    assert all(c.count("norm=none,bnp") == 1 for c in cmds)
