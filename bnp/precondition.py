@@ -170,11 +170,13 @@ class _FastForward:
             layer.forwards = 1
             pre._record(layer, x.detach())
             return _FastLinear.apply(x, weight, layer.bias_param, pre, layer)
-        if training or grad:
-            pre._defer(layer)  # before this input changes the statistics
+        if grad:  # a second gradient-producing forward this step, or one in eval mode
+            pre._defer(layer)  # (before this input changes the statistics)
             layer.forwards += 1
-            if training:
-                pre._record(layer, x.detach())
+        elif training and layer.fast_grads:  # new statistics after a fast backward used the old ones
+            pre._defer(layer)
+        if training:
+            pre._record(layer, x.detach())
         return F.linear(x, weight, layer.bias_param)
 
 

@@ -275,3 +275,30 @@ def test_whole_step_cuda_graph_replays_the_eager_step():
     torch.cuda.synchronize()
     for a, b in zip(eager_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("when", ["before_forward", "after_backward"])
+def test_no_grad_training_forwards_fold_and_stay_exact(when):
+    """A forward under no_grad in training mode is a training batch (folded at once). Before the
+    step's forward the fast path still applies; after a fast backward the step falls back."""
+    data = batches(6, 2)
+    extra = batches(6, 3, gen_seed=7)
+    models = [conv_net(), conv_net()]
+    pres = [BNP(models[0]), BNP(models[1], fast=True)]
+    for model, pre in zip(models, pres):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for (x, y), (x_extra, _) in zip(data, extra):
+            opt.zero_grad()
+            if when == "before_forward":
+                with torch.no_grad():
+                    model(x_extra)
+            loss_of(model, x, y).backward()
+            if when == "after_backward":
+                with torch.no_grad():
+                    model(x_extra)
+            if pre is pres[1]:
+                assert pre._layers[0].deferred == (when == "after_backward")
+            pre.step()
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(b, a, **F64)
