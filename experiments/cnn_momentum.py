@@ -8,7 +8,13 @@ cosine schedule over 6 epochs, for no norm, BatchNorm, BNP and GroupNorm.
 from bnp.sweep import run_experiment
 
 NORMS, SEEDS = "none,bn,bnp,gn", "0,1,2"
-GRIDS = [{"norm": NORMS, "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1", "train.seed": SEEDS}]
+# Per-method lr grids: with momentum, BNP's preconditioned steps want smaller learning rates and the
+# normalization layers larger ones (the shared grid 0.01-0.1 put their winners on its edges).
+GRIDS = [
+    {"norm": "none", "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1", "train.seed": SEEDS},
+    {"norm": "bn,gn", "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1,0.3", "train.seed": SEEDS},
+    {"norm": "bnp", "train.batch_size": "128", "optim.lr": "0.001,0.003,0.01,0.03", "train.seed": SEEDS},
+]
 SMOKE_GRIDS = [{"norm": NORMS, "train.batch_size": "8", "optim.lr": "0.01", "train.seed": "0"}]
 SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
                "model.channels=[4,8]"]
