@@ -336,7 +336,6 @@ class BNP:
             for layer in layers:
                 self._fold(layer)
             return
-        dtype = self._mean.dtype
         if self._all_dense:
             counts = {layer.pending.numel() // layer.features for layer in layers}
             if len(counts) == 1:  # every layer saw the same rows (an MLP): fold them as one matrix
@@ -412,12 +411,12 @@ class BNP:
             sums = self._mean.new_zeros(n_feat + len(layers))
             for i, (layer, r) in enumerate(zip(layers, rows)):
                 if r is not None:
-                    sums[layer.offset : layer.offset + layer.features] = r[0].sum(r[1])
+                    sums[layer.span] = r[0].sum(r[1])
                     sums[n_feat + i] = r[0].numel() // layer.features
             dist.all_reduce(sums)
             for i, layer in enumerate(layers):
                 if layer.batches == 0 and sums[n_feat + i] > 0:
-                    sl = slice(layer.offset, layer.offset + layer.features)
+                    sl = layer.span
                     center[sl] = sums[sl] / sums[n_feat + i]
         n_layers = len(layers)
         buf = self._mean.new_zeros(2 * n_feat + 2 * n_layers)  # sums, squared deviations, counts, samples
@@ -425,8 +424,8 @@ class BNP:
             if r is not None:
                 x, dims, _ = r
                 buf[2 * n_feat + n_layers + i] = x.shape[0]
-                c = center[layer.offset : layer.offset + layer.features]
-                buf[layer.offset : layer.offset + layer.features] = x.sum(dims)
+                c = center[layer.span]
+                buf[layer.span] = x.sum(dims)
                 c = c.view(-1, *(1,) * (x.dim() - 2)) if not layer.dense else c
                 buf[n_feat + layer.offset : n_feat + layer.offset + layer.features] = (x - c).square_().sum(dims)
                 buf[2 * n_feat + i] = x.numel() // layer.features
@@ -436,7 +435,7 @@ class BNP:
             count = buf[2 * n_feat + i]
             if count == 0:
                 continue
-            sl = slice(layer.offset, layer.offset + layer.features)
+            sl = layer.span
             m, s, c = buf[sl] / count, buf[n_feat + sl.start : n_feat + sl.stop] / count, center[sl]
             alpha = self._alpha(int(buf[2 * n_feat + n_layers + i].item()))  # from the global batch
             if layer.batches == 0:
