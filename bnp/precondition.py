@@ -120,6 +120,15 @@ def _matches(pattern: str, name: str, module: nn.Module) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(type(module).__name__, pattern)
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _mean_square(d: torch.Tensor, dims: tuple[int, ...], in_place: bool) -> torch.Tensor:
+    squares = d.square_() if in_place else d.square()
+    return squares[0] if squares.shape[0] == 1 and dims == (0,) else squares.mean(dims)
+
+
 class _FastLinear(torch.autograd.Function):
     """``F.linear`` whose weight and bias gradients come out BNP-preconditioned (``fast=True``)."""
 
@@ -274,7 +283,11 @@ class BNP:
         self._var = torch.zeros(offset, dtype=dtype, device=device)
         self._sizes = [layer.features for layer in self._layers]
         self._all_dense = all(layer.dense for layer in self._layers)
-        self._derived = None  # (inv, shift) per layer, recomputed once per step: see _derived_stats
+        # per-step temporaries, recomputed after every fold: see _derived_stats and _fold_pending
+        self._derived = None  # 1 / (sigma2 + eps) and -mu / (sigma2 + eps) per layer
+        self._a_hat: tuple[torch.Tensor, ...] | None = None  # a fast backward's a_hat, per layer
+        self._batched = fast and self._all_dense and center and scale and all(
+            layer.bias is not None for layer in self._layers)  # a_hat of all layers in one op
         self._ones_cache: dict[int, torch.Tensor] = {}
         self._bind()
         for layer in self._layers:
@@ -321,79 +334,91 @@ class BNP:
     def _synced(self) -> bool:
         return self.sync and self._distributed()
 
-    def _fold_pending(self) -> None:
-        """Fold every recorded input into the running statistics."""
+    def _fold_pending(self, prepare: bool = False) -> None:
+        """Fold every recorded input into the running statistics. With ``prepare`` (a fast
+        backward of an all-dense model), also keep every layer's a_hat = (a - mu) / (sigma2 + eps),
+        made from the deviations the fold computes anyway."""
         layers = [layer for layer in self._layers if layer.pending is not None]
         if not layers:
             return
-        self._derived = None
+        self._forget_derived()
         if layers[0].pending.device != self._mean.device:
             self._to(layers[0].pending.device)
         if self._synced():
             self._fold_synced()
             return
-        if len(layers) < len(self._layers) or not all(layer.batches for layer in layers):
-            for layer in layers:
-                self._fold(layer)
-            return
-        if self._all_dense:
-            counts = {layer.pending.numel() // layer.features for layer in layers}
-            if len(counts) == 1:  # every layer saw the same rows (an MLP): fold them as one matrix
-                self._fold_rows(layers, counts.pop())
-                return
         rows = [self._rows(layer) for layer in layers]
-        momentum = self._alpha(rows[0][0].shape[0])
-        if any(self._alpha(x.shape[0]) != momentum for x, _, _ in rows):  # layers saw different batch sizes
-            for layer in layers:
+        first = layers[0].batches == 0
+        alpha = self._alpha(rows[0][0].shape[0])
+        if (len(layers) < len(self._layers) or any((layer.batches == 0) != first for layer in layers)
+                or any(self._alpha(x.shape[0]) != alpha for x, _ in rows)):
+            for layer in layers:  # layers in different states: one at a time
                 self._fold(layer)
             return
-        if self._one_pass(layers[0].pending):
-            moments = [torch.var_mean(x, dims, correction=0) for x, dims, _ in rows]
-            batch_mean = torch.cat([m for _, m in moments])
-            self._mean.lerp_(batch_mean, momentum)
-            # mean_B((a - mu)^2) = var_B + (m_B - mu)^2 with mu the updated running mean
-            diff = batch_mean - self._mean
-            self._var.lerp_(torch.cat([v for v, _ in moments]).addcmul_(diff, diff), momentum)
-        else:
-            self._mean.lerp_(torch.cat([x.mean(dims) for x, dims, _ in rows]), momentum)
-            self._var.lerp_(torch.cat([(x - mean).square_().mean(dims) for x, dims, mean in rows]), momentum)
+        if self._all_dense and len({x.shape[0] for x, _ in rows}) == 1:
+            # every layer saw the same rows (an MLP): fold them side by side as one matrix
+            rows = [(torch.cat([x for x, _ in rows], dim=1), (0,))]
+        deviations = self._update(self._mean, self._var, rows, alpha, first, keep=prepare and len(rows) == 1)
+        if deviations is not None:
+            self._a_hat = deviations[0].mul_(self._inverse_var()).split(self._sizes, dim=1)
         for layer in layers:
             layer.pending = None
             layer.batches += 1
 
-    def _fold_rows(self, layers: list[_Layer], n: int) -> None:
-        """Fold dense inputs of ``n`` rows each, side by side in one (n, features) matrix: a few
-        flat operations for all layers (the copy is ours, so it is centered in place)."""
-        x = torch.cat([layer.pending.reshape(n, layer.features) for layer in layers], dim=1)
-        if x.dtype != self._mean.dtype:
-            x = x.to(self._mean.dtype)
-        momentum = self._alpha(n)
-        if n == 1:  # one sample (online learning): it is the batch mean
-            x = x.view(-1)
-            self._mean.lerp_(x, momentum)
-            self._var.lerp_(x.sub_(self._mean).square_(), momentum)
-        elif self._one_pass(x):
-            batch_var, batch_mean = torch.var_mean(x, 0, correction=0)
-            self._mean.lerp_(batch_mean, momentum)
-            diff = batch_mean - self._mean  # mean_B((a - mu)^2) = var_B + (m_B - mu)^2
-            self._var.lerp_(batch_var.addcmul_(diff, diff), momentum)
-        else:
-            self._mean.lerp_(x.mean(0), momentum)
-            self._var.lerp_(x.sub_(self._mean).square_().mean(0), momentum)
-        for layer in layers:
-            layer.pending = None
-            layer.batches += 1
+    def _fold(self, layer: _Layer) -> None:
+        """Fold one layer's pending input into its statistics."""
+        if layer.pending.device != self._mean.device:
+            self._to(layer.pending.device)
+        self._forget_derived()
+        row = self._rows(layer)
+        layer.pending = None
+        self._update(layer.mean, layer.var, [row], self._alpha(row[0].shape[0]), layer.batches == 0)
+        layer.batches += 1
 
-    def _rows(self, layer: _Layer) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
-        """The pending input in the statistics' dtype, the dims to pool, and mu shaped to broadcast."""
+    def _update(self, mean: torch.Tensor, var: torch.Tensor, rows: list[tuple[torch.Tensor, tuple[int, ...]]],
+                alpha: float, first: bool, keep: bool = False) -> list[torch.Tensor] | None:
+        """The spec's recurrences, in place, for inputs ``rows`` [(x, dims to pool)] whose features,
+        in order, are those of ``mean`` and ``var``:
+
+            mu <- mu + alpha (m_B - mu);  sigma2 <- sigma2 + alpha (mean_B((a - mu)^2) - sigma2)
+
+        with the updated mu (the first batch sets mu = m_B, alpha = 1). Returns the deviations
+        a - mu of every row if ``keep``. On CPU: two plain passes (mean, then the deviations); on
+        GPU one pass per input (torch.var_mean, Welford), with mean_B((a - mu)^2) = var_B + (m_B - mu)^2.
+        """
+        one_pass = self._one_pass(rows[0][0])
+        if one_pass:
+            moments = [torch.var_mean(x, dims, correction=0) for x, dims in rows]
+            batch_mean = _joined([m for _, m in moments])
+        else:  # a single dense row is its own mean
+            batch_mean = _joined([x[0] if x.shape[0] == 1 and dims == (0,) else x.mean(dims) for x, dims in rows])
+        mean.lerp_(batch_mean, 1.0 if first else alpha)  # weight 1 gives m_B exactly
+        deviations = None
+        if keep or not one_pass:
+            means = (mean,) if len(rows) == 1 else mean.split([x.shape[1] for x, _ in rows])
+            centered = (x - mu.view(-1, *(1,) * (x.dim() - 2)) for (x, _), mu in zip(rows, means))
+            if keep:
+                deviations = list(centered)
+        if one_pass:
+            diff = batch_mean - mean
+            squared = _joined([v for v, _ in moments]).addcmul_(diff, diff)
+        else:  # a generator unless kept: one temporary at a time (conv activations are large)
+            squared = _joined([_mean_square(d, dims, in_place=not keep)
+                               for d, (_, dims) in zip(deviations or centered, rows)])
+        var.lerp_(squared, 1.0 if first else alpha)
+        return deviations if keep else None
+
+    def _rows(self, layer: _Layer) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The pending input in the statistics' dtype and the dims to pool: (rows, features) for
+        Linear, (batch, channels, *spatial) for convolutions."""
         x = layer.pending
         if x.dtype != self._mean.dtype:
             x = x.to(self._mean.dtype)
         if not layer.dense:
             if x.dim() == layer.spatial_dims + 1:  # unbatched (C, *spatial)
                 x = x.unsqueeze(0)
-            return x, (0, *range(2, x.dim())), layer.mean.view(-1, *(1,) * (x.dim() - 2))
-        return x.reshape(-1, layer.features), (0,), layer.mean
+            return x, (0, *range(2, x.dim()))
+        return x.reshape(-1, layer.features), (0,)
 
     def _fold_synced(self) -> None:
         """Fold the pending inputs of every rank with one all-reduce (two on a layer's first batch).
@@ -422,7 +447,7 @@ class BNP:
         buf = self._mean.new_zeros(2 * n_feat + 2 * n_layers)  # sums, squared deviations, counts, samples
         for i, (layer, r) in enumerate(zip(layers, rows)):
             if r is not None:
-                x, dims, _ = r
+                x, dims = r
                 buf[2 * n_feat + n_layers + i] = x.shape[0]
                 c = center[layer.span]
                 buf[layer.span] = x.sum(dims)
@@ -453,33 +478,8 @@ class BNP:
     @staticmethod
     def _one_pass(x: torch.Tensor) -> bool:
         """Batch moments in one pass (torch.var_mean, Welford) on GPUs; on CPU two plain passes
-        (mean, then squared deviation from the updated running mean) were 10-15x faster."""
+        (mean, then squared deviation) were 10-15x faster."""
         return x.is_cuda
-
-    def _fold(self, layer: _Layer) -> None:
-        """Fold one layer's pending input into its statistics (the spec's recurrences)."""
-        if layer.pending.device != self._mean.device:
-            self._to(layer.pending.device)
-        x, dims, mean = self._rows(layer)
-        layer.pending = None
-        self._derived = None
-        alpha = self._alpha(x.shape[0])
-        if self._one_pass(x):
-            batch_var, batch_mean = torch.var_mean(x, dims, correction=0)
-            if layer.batches == 0:
-                layer.mean.copy_(batch_mean)
-                layer.var.copy_(batch_var)
-            else:
-                layer.mean.lerp_(batch_mean, alpha)
-                diff = batch_mean - layer.mean  # mean_B((a - mu)^2) = var_B + (m_B - mu)^2
-                layer.var.lerp_(batch_var.addcmul_(diff, diff), alpha)
-        elif layer.batches == 0:
-            layer.mean.copy_(x.mean(dims))
-            layer.var.copy_((x - mean).square_().mean(dims))
-        else:
-            layer.mean.lerp_(x.mean(dims), alpha)
-            layer.var.lerp_((x - mean).square_().mean(dims), alpha)
-        layer.batches += 1
 
     # ------------------------------------------------------------------ preconditioning
     @torch.no_grad()
@@ -496,20 +496,26 @@ class BNP:
                 self._precondition_all(layers)
         for layer in self._layers:
             layer.forwards, layer.fast_grads, layer.deferred = 0, False, False
-        self._derived = None  # per-step temporaries: the persistent state stays (mean, var)
+        self._forget_derived()  # the persistent state stays (mean, var)
+
+    def _forget_derived(self) -> None:
+        self._derived = self._a_hat = None
 
     def _derived_stats(self) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        """Per layer (in order), 1 / (sigma2 + eps) and -mu / (sigma2 + eps): computed for all
-        layers at once, once per step, and split into views."""
+        """Per layer (in order), 1 / (sigma2 + eps) and -mu / (sigma2 + eps) (None where scale /
+        center is off): computed for all layers at once, once per step, and split into views."""
         if self._derived is None:
             inv = shift = None
             if self.scale:
-                inv = torch.add(self._var, self.eps).reciprocal_()
+                inv = self._inverse_var()
                 if self.center:
                     shift = (self._mean * inv).neg_().split(self._sizes)
                 inv = inv.split(self._sizes)
             self._derived = (inv, shift)
         return self._derived
+
+    def _inverse_var(self) -> torch.Tensor:
+        return torch.add(self._var, self.eps).reciprocal_()
 
     def _ones(self, n: int) -> torch.Tensor:
         ones = self._ones_cache.get(n)
@@ -522,26 +528,17 @@ class BNP:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(G_tilde, g_tilde) of a fast Linear from its input and dL/dh, or the raw (G, g)
         during warmup and when the layer is deferred to the reference path."""
-        if layer.pending is not None:
-            self._fold_pending()  # the statistics include this batch, as in the reference order
+        if layer.pending is not None:  # the statistics include this batch, as in the reference order
+            self._fold_pending(prepare=self._batched and self.steps >= self.warmup)
         dtype = self._mean.dtype
-        a = x if x.dim() == 2 else x.reshape(-1, layer.features)
         delta = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
-        if a.dtype != dtype:
-            a = a.to(dtype)
         if delta.dtype != dtype:
             delta = delta.to(dtype)
-        precondition = not layer.deferred and self.steps >= self.warmup and layer.batches > 0
-        center = precondition and self.center and layer.bias is not None
-        if precondition:
-            inv, shift = self._derived_stats()
-            if shift is not None and center:
-                a = torch.addcmul(shift[layer.index], a, inv[layer.index])  # (a - mu) / D2
-            elif inv is not None:
-                a = a * inv[layer.index]
-            elif center:
-                a = a - layer.mean
+        if self._a_hat is not None and not layer.deferred:  # prepared with the fold, for all layers
+            a, center = self._a_hat[layer.index], True
             layer.fast_grads = True
+        else:
+            a, center = self._own_a_hat(layer, x)
         delta_t = delta.t()
         grad_w = delta_t * a if a.shape[0] == 1 else delta_t.mm(a)  # one sample: an outer product
         if grad_w.dtype != layer.weight.dtype:
@@ -554,6 +551,27 @@ class BNP:
             grad_b = delta.sum(0)
         bias = layer.bias_param
         return grad_w, grad_b if grad_b.dtype == bias.dtype else grad_b.to(bias.dtype)
+
+    def _own_a_hat(self, layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One layer's input as its weight gradient needs it: a_hat = (a - mu) / (sigma2 + eps)
+        (less what center / scale turn off), or a itself during warmup and when deferred; and
+        whether it was centered."""
+        dtype = self._mean.dtype
+        a = x if x.dim() == 2 else x.reshape(-1, layer.features)
+        if a.dtype != dtype:
+            a = a.to(dtype)
+        precondition = not layer.deferred and self.steps >= self.warmup and layer.batches > 0
+        center = precondition and self.center and layer.bias is not None
+        if precondition:
+            inv, shift = self._derived_stats()
+            if shift is not None and center:
+                a = torch.addcmul(shift[layer.index], a, inv[layer.index])
+            elif inv is not None:
+                a = a * inv[layer.index]
+            elif center:
+                a = a - layer.mean
+            layer.fast_grads = True
+        return a, center
 
     @torch.no_grad()
     def _defer(self, layer: _Layer) -> None:
@@ -672,7 +690,7 @@ class BNP:
             layer.var.copy_(saved["var"])
             layer.batches = int(saved["batches"])
         self.steps = int(state["steps"])
-        self._derived = None
+        self._forget_derived()
 
     def remove(self) -> None:
         """Detach the forward hooks; the model is left exactly as it was."""

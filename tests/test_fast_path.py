@@ -77,6 +77,32 @@ def test_fast_training_equals_reference(batch):
     assert [layer.fast for layer in pre._layers] == [True, False, True]
 
 
+def mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "batch,extra_dims,options,own_steps",
+    [
+        (1, (), {}, set()),
+        (8, (), {}, set()),
+        (4, (5,), {}, set()),  # sequence inputs: rows are batch x positions
+        (1, (), {"warmup": 3, "momentum": 0.3}, {0, 1, 2}),  # raw grads during warmup
+        (2, (), {"accumulate": 3}, set()),  # the first backward is fast, the others native
+        (2, (), {"accumulate": 3, "order": "together"}, {0, 1, 2}),  # deferred before backward: raw
+    ],
+)
+def test_all_dense_model_prepares_every_a_hat_with_the_fold(batch, extra_dims, options, own_steps, monkeypatch):
+    """An MLP with biases gets a_hat of all layers from one op, computed with the statistics fold;
+    layers fall back to their own a_hat exactly where the batched one does not apply."""
+    steps = []
+    own = BNP._own_a_hat
+    monkeypatch.setattr(BNP, "_own_a_hat", lambda self, layer, x: steps.append(self.steps) or own(self, layer, x))
+    pre = assert_same_training(mlp, batches(8, batch, extra_dims=extra_dims), **options)
+    assert pre._batched and set(steps) == own_steps
+
+
 def test_fast_with_sequence_inputs_and_bias_free_layers():
     def build():
         torch.manual_seed(0)
