@@ -30,6 +30,7 @@ test-all: setup ## run every test, including those marked slow
 bench: setup ## step time of each norm vs plain SGD (MLP, CNN, ResNet-20; batch 1/8/128) -> results/bench/
 	$(PY) benchmarks/bench_step.py --seconds 3 --out results/bench
 	$(PY) benchmarks/bench_step.py --seconds 3 --models mlp --threads 1 --out results/bench
+	$(PY) benchmarks/bench_overhead.py --out results/bench
 
 run: setup ## quickstart: MLP on digits, norm x batch size x lr sweep -> results/quickstart/
 	$(PY) -m bnp.train -m experiment=quickstart launcher=local

@@ -9,6 +9,7 @@ out=${OUT:-results/bench}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_precondition.py tests/test_fast_path.py tests/test_hessian.py 2>&1 | tail -3 | tee -a "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_precondition.py tests/test_fast_path.py tests/test_hessian.py tests/test_kernels.py 2>&1 | tail -3 | tee -a "$out/gpu.txt"
 python3 benchmarks/bench_step.py --device cuda --seconds 2 --out "$out" 2>&1 | tee "$out/bench_cuda.log"
+python3 benchmarks/bench_overhead.py --device cuda --rounds 20 --out "$out" 2>&1 | tee -a "$out/bench_cuda.log"
 python3 benchmarks/bench_graph.py --steps 5000 --out "$out" 2>&1 | tee "$out/bench_graph.log"

@@ -360,7 +360,7 @@ class BNP:
             rows = [(torch.cat([x for x, _ in rows], dim=1), (0,))]
         deviations = self._update(self._mean, self._var, rows, alpha, first, keep=prepare and len(rows) == 1)
         if deviations is not None:
-            self._a_hat = deviations[0].mul_(self._inverse_var()).split(self._sizes, dim=1)
+            self._a_hat = deviations[0].div_(torch.add(self._var, self.eps)).split(self._sizes, dim=1)
         for layer in layers:
             layer.pending = None
             layer.batches += 1
@@ -507,15 +507,12 @@ class BNP:
         if self._derived is None:
             inv = shift = None
             if self.scale:
-                inv = self._inverse_var()
+                inv = torch.add(self._var, self.eps).reciprocal_()
                 if self.center:
                     shift = (self._mean * inv).neg_().split(self._sizes)
                 inv = inv.split(self._sizes)
             self._derived = (inv, shift)
         return self._derived
-
-    def _inverse_var(self) -> torch.Tensor:
-        return torch.add(self._var, self.eps).reciprocal_()
 
     def _ones(self, n: int) -> torch.Tensor:
         ones = self._ones_cache.get(n)

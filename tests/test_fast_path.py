@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnp import BNP
+from bnp.kernels import count_kernels
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -328,3 +329,38 @@ def test_no_grad_training_forwards_fold_and_stay_exact(when):
             opt.step()
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(b, a, **F64)
+
+
+def kernels_per_step(layers, batch, bnp):
+    torch.manual_seed(0)
+    widths = [12] + [10] * (layers - 1) + [3]
+    modules = []
+    for n_in, n_out in zip(widths, widths[1:]):
+        modules += [nn.Linear(n_in, n_out), nn.ReLU()]
+    model = nn.Sequential(*modules[:-1])
+    pre = BNP(model, fast=True) if bnp else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, foreach=True)
+    x, y = torch.randn(batch, 12), torch.randint(0, 3, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        if pre is not None:
+            pre.step()
+        opt.step()
+
+    for _ in range(3):  # statistics initialized, nothing lazy left
+        step()
+    return count_kernels(step)
+
+
+@pytest.mark.parametrize("batch,shared", [(1, 7), (8, 9)])
+def test_fast_step_adds_few_kernels_shared_by_all_layers(batch, shared):
+    """Under a whole-step CUDA graph every kernel costs about the same, so BNP's cost there is its
+    kernel count: one fold for all layers (mean, deviations, both recurrences, a_hat = deviation /
+    (sigma2 + eps)) and one kernel per layer over the native Linear backward (g_tilde =
+    Delta^T (1 - a_hat mu) takes two kernels where g = Delta^T 1 takes one)."""
+    extra = {n: kernels_per_step(n, batch, True) - kernels_per_step(n, batch, False) for n in (2, 6)}
+    per_layer = (extra[6] - extra[2]) / 4
+    assert per_layer <= 1
+    assert extra[2] - 2 * per_layer <= shared
