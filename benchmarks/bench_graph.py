@@ -14,6 +14,7 @@ one: both train copies of the same model on the same samples and must agree to f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 from pathlib import Path
@@ -61,20 +62,13 @@ class Run:
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), self.pre.recording() if self.pre else contextlib.nullcontext():
             self.step()  # recorded, not run: its Python bookkeeping ran, its kernels did not
-        self._count(-1)
 
     def replay(self) -> None:
         self.graph.replay()
-        self._count(+1)
-
-    def _count(self, n: int) -> None:
-        # A replay runs kernels only: keep BNP's Python-side step and batch counts in line.
         if self.pre is not None:
-            self.pre.steps += n
-            for layer in self.pre._layers:
-                layer.batches += n
+            self.pre.replayed()  # a replay runs kernels only: keep BNP's step and batch counts in line
 
 
 def build(width: int, device: torch.device) -> torch.nn.Module:

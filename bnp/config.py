@@ -154,6 +154,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     rerun: bool = False  # redo a run whose summary says completed (otherwise it is skipped)
     threads: Optional[int] = None  # torch CPU threads; null = torch's default (parallel sweeps set 1)
+    cuda_graph: bool = False  # replay each training step as one CUDA graph (cuda; see README)
 
     def __post_init__(self) -> None:
         _check("train.epochs", self.epochs > 0, "> 0", self.epochs)

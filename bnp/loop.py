@@ -15,13 +15,14 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from bnp import BNP
-from bnp.config import TrainConfig
+from bnp.config import ConfigError, TrainConfig
 from bnp.data import Data, augment_batch
 from bnp.distributed import summed
 from bnp.log import RunLog
@@ -35,6 +36,9 @@ def plan(train_samples: int, cfg: TrainConfig) -> tuple[int, int]:
         raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_samples} samples)")
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     return steps_per_epoch, total
+
+
+GRAPH_WARMUP_STEPS = 3  # eager steps before a capture (train.cuda_graph)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -90,6 +94,15 @@ class Trainer:
         self.status = "running"
         self._stop_signal = None
         self._epoch_cache = (-1, None, None)
+        # train.cuda_graph: after a few eager steps, each step is one replay of a captured step that
+        # takes its batch at a device-side position in the epoch buffers (refilled in place)
+        self.graphed = cfg.cuda_graph
+        if self.graphed and (world > 1 or self.scaler is not None or data.augment):
+            raise ConfigError("train.cuda_graph: not with several processes, fp16 or data augmentation")
+        self._replay = None
+        self._position = torch.zeros((), dtype=torch.long, device=device)
+        self._offsets = torch.arange(self.local_batch, device=device)
+        self._side = torch.cuda.Stream(device) if self.graphed and device.type == "cuda" else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -144,13 +157,23 @@ class Trainer:
         if self._epoch_cache[0] != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.data.train_x), generator=gen).to(self.device)
-            self._epoch_cache = (epoch, self.data.train_x[order], self.data.train_y[order])
+            _, x, y = self._epoch_cache
+            if x is None:
+                x, y = torch.empty_like(self.data.train_x), torch.empty_like(self.data.train_y)
+            # in place: a captured step reads these buffers at fixed addresses
+            torch.index_select(self.data.train_x, 0, order, out=x)
+            torch.index_select(self.data.train_y, 0, order, out=y)
+            self._epoch_cache = (epoch, x, y)
         return self._epoch_cache[1], self._epoch_cache[2]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The epoch buffers of ``step`` and where its batch starts in them."""
         epoch, position = divmod(step, self.steps_per_epoch)
         x_all, y_all = self._epoch_data(epoch)
-        start = position * self.batch_size + self.rank * self.local_batch
+        return x_all, y_all, position * self.batch_size + self.rank * self.local_batch
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x_all, y_all, start = self._start(step)
         x, y = x_all[start : start + self.local_batch], y_all[start : start + self.local_batch]
         if self.data.augment:
             x = augment_batch(x, self.aug_gen)
@@ -158,7 +181,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._side is None:
+            self._update(x, y)
+        else:  # before a capture, eager steps run on a side stream (CUDA graphs' rule)
+            self._side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._side):
+                self._update(x, y)
+            torch.cuda.current_stream().wait_stream(self._side)
+        self.loss_count += 1
+        self.scheduler.step()
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor, set_to_none: bool = True) -> None:
+        """The device work of one step: forward, metrics, backward, BNP, optimizer."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
         with self.autocast():
             logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -166,7 +201,6 @@ class Trainer:
         self.correct += (logits.detach().argmax(1) == y).sum()
         self.seen += len(y)
         self.loss_sum += loss.detach()
-        self.loss_count += 1
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -179,6 +213,40 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    # ------------------------------------------------------------------ CUDA graph (train.cuda_graph)
+    def _graph_step(self) -> None:
+        """The step that is captured: its batch comes from the device-side position."""
+        _, x_all, y_all = self._epoch_cache
+        index = self._position + self._offsets
+        self._position.add_(self.batch_size)
+        self._update(x_all.index_select(0, index), y_all.index_select(0, index), set_to_none=False)
+
+    def _seat(self, step: int) -> None:
+        """Point the captured step at ``step``'s batch (refilling the epoch buffers if it starts one)."""
+        _, _, start = self._start(step)
+        self._position.fill_(start)
+
+    def _capture(self) -> None:
+        self._seat(self.step)
+        with self.pre.recording() if self.pre is not None else contextlib.nullcontext():
+            self._replay = self._record(self._graph_step)
+
+    @staticmethod
+    def _record(step) -> Callable[[], None]:
+        """Capture ``step`` as a CUDA graph (its Python runs once, now; its kernels on each replay)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+
+    def _replay_step(self) -> None:
+        if self.step % self.steps_per_epoch == 0:
+            self._seat(self.step)  # a new epoch: reshuffled buffers, position back to the start
+        self._replay()
+        if self.pre is not None:
+            self.pre.replayed()
+        self.loss_count += 1
         self.scheduler.step()
 
     def _log_train(self, samples_per_s: float) -> bool:
@@ -189,7 +257,7 @@ class Trainer:
         self.loss_count = 0
         self.last_train_loss = loss
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
-               "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s * self.world,
+               "lr": float(self.optimizer.param_groups[0]["lr"]), "samples_per_s": samples_per_s * self.world,
                "prequential_acc": correct.item() / max(1, seen.item())}
         self.log.log(row)
         return math.isfinite(loss)
@@ -228,11 +296,18 @@ class Trainer:
             if progress is not None:
                 progress(self)
         tick, samples = time.perf_counter(), 0
+        warmup = 0 if self.pre is None else max(0, self.pre.warmup - self.pre.steps)
+        capture_at = self.step + GRAPH_WARMUP_STEPS + warmup  # optimizer state, BNP statistics, warmup
         while self.step < self.total_steps:
-            x, y = self.batch(self.step)
-            self.train_step(x, y)
+            if self._replay is not None:
+                self._replay_step()
+            else:
+                x, y = self.batch(self.step)
+                self.train_step(x, y)
             self.step += 1
-            samples += len(y)
+            samples += self.local_batch
+            if self.graphed and self._replay is None and self.step >= capture_at and self.step < self.total_steps:
+                self._capture()
             at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
             at_log = at_eval or self.step % cfg.log_every == 0  # every evaluation gets a fresh train row
             if at_log or at_eval or self._stop_signal is not None:

@@ -7,13 +7,20 @@ import torch
 from bnp.config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, params, total_steps: int, steps_per_epoch: int):
+def build_optimizer(cfg: OptimConfig, params, total_steps: int, steps_per_epoch: int,
+                    graph_device: torch.device | None = None):
+    """The optimizer and its LambdaLR schedule. With ``graph_device`` (train.cuda_graph) the step
+    must be capturable: Adam/AdamW keep lr and their step counts on the device (capturable=True),
+    so the schedule reaches the replayed step; SGD reads its lr on the host, so it keeps a constant
+    one (train.py checks optim.schedule)."""
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                              weight_decay=cfg.weight_decay)
+                              weight_decay=cfg.weight_decay, foreach=graph_device is not None or None)
     else:
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        opt = cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        graph = {} if graph_device is None else {"capturable": True, "foreach": True}
+        lr = cfg.lr if graph_device is None else torch.tensor(cfg.lr, device=graph_device)
+        opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **graph)
     if cfg.schedule == "cosine":
         factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
     elif cfg.schedule == "step":

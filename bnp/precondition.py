@@ -24,6 +24,7 @@ above (to float rounding) without any pass over G after backward.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Iterable
@@ -640,6 +641,26 @@ class BNP:
             g.view(layer.shape_w[:2] + (1,)).baddbmm_(
                 Gw.sum(3), layer.mean.view(layer.groups, layer.in_per_group, 1), alpha=-1
             )
+
+    # ------------------------------------------------------------------ CUDA graphs
+    # A captured step records its kernels while its Python runs once; a replay runs the kernels only.
+    # BNP's host-side counters (steps, batches per layer) must follow the replays, not the capture.
+    @contextlib.contextmanager
+    def recording(self):
+        """Leave the host-side counters as they were: wrap the capture of a step in this."""
+        saved = self.steps, [layer.batches for layer in self._layers]
+        try:
+            yield
+        finally:
+            self.steps = saved[0]
+            for layer, batches in zip(self._layers, saved[1]):
+                layer.batches = batches
+
+    def replayed(self, steps: int = 1) -> None:
+        """Count ``steps`` replays of a captured step (each one forward per layer and one step())."""
+        self.steps += steps
+        for layer in self._layers:
+            layer.batches += steps
 
     # ------------------------------------------------------------------ introspection & state
     @property

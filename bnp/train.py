@@ -70,7 +70,25 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     device = torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else wanted.replace("auto", "cpu"))
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+    if cfg.train.cuda_graph:
+        check_cuda_graph(cfg, device)
     return device
+
+
+def check_cuda_graph(cfg: RunConfig, device: torch.device) -> None:
+    """What a captured training step cannot do, as config errors."""
+    def refuse(reason: str) -> None:
+        raise ConfigError(f"train.cuda_graph: {reason}; or set train.cuda_graph=false")
+
+    if device.type != "cuda":
+        refuse(f"needs a CUDA device (train.device resolved to {device.type!r})")
+    if cfg.train.precision == "fp16":
+        refuse("not with train.precision='fp16' (its gradient scaler reads the host); use 'bf16' or 'fp32'")
+    if cfg.data.augment or (cfg.data.augment is None and cfg.data.name.startswith("cifar")):
+        refuse("not with data augmentation (data.augment, on by default for CIFAR); set data.augment=false")
+    if cfg.optim.name == "sgd" and cfg.optim.schedule != "constant":
+        refuse(f"optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant' "
+               f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")
 
 
 @contextlib.contextmanager
@@ -140,7 +158,8 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
         steps_per_epoch, total = plan(len(data.train_x), config.train)
     except ValueError as err:  # a batch larger than the training set: a config error
         raise ConfigError(str(err)) from None
-    optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch)
+    optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch,
+                                           graph_device=device if config.train.cuda_graph else None)
     log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
     summary = {**base, "status": "failed", "device": str(device), "processes": world}
     try:

@@ -1,0 +1,107 @@
+"""train.cuda_graph: each step after a short eager start is one replay of a captured step.
+
+CPU has no CUDA graphs, so the CPU tests swap the capture for a stand-in whose replay runs the
+captured step's kernels eagerly and, like a real replay, none of its host-side bookkeeping. What
+they check is everything around the capture: the device-side batch position, the epoch buffers
+refilled in place, the counters kept by the host, evaluation, logging and checkpoints in between.
+The CUDA test at the end runs the real capture where a GPU is present.
+"""
+
+import pytest
+import torch
+
+import bnp.train
+from bnp.config import ConfigError, validate
+from bnp.log import read_metrics
+from bnp.loop import Trainer
+from bnp.train import check_cuda_graph, run
+from conftest import TINY
+
+RUN = [*TINY, "model=mlp", "model.depth=2", "model.width=16", "train.steps=30", "train.eval_every=10",
+       "train.log_every=5", "optim.lr=0.01"]
+
+
+def replay_eagerly(step):
+    pre = step.__self__.pre
+
+    def replay():
+        if pre is None:
+            step()
+            return
+        with pre.recording():  # a replay runs kernels only: BNP's Python-side counts stay put
+            step()
+
+    return replay
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    monkeypatch.setattr(bnp.train, "check_cuda_graph", lambda cfg, device: None)
+    monkeypatch.setattr(Trainer, "_record", staticmethod(replay_eagerly))
+    captures = []
+    original = Trainer._capture
+    monkeypatch.setattr(Trainer, "_capture", lambda self: captures.append(self.step) or original(self))
+    return captures
+
+
+@pytest.mark.parametrize("overrides", [
+    ["norm=bnp", "train.batch_size=1"],  # online learning, the fast path
+    ["norm=bnp", "norm.fast=false", "norm.warmup=5"],  # reference path; capture after BNP's warmup
+    ["norm=bn", "optim.momentum=0.9"],
+    ["norm=ln", "optim.momentum=0.9", "optim.nesterov=true"],
+])  # Adam's capturable step runs on GPUs only: see the CUDA test
+def test_graph_mode_trains_exactly_like_eager_steps(compose, tmp_path, cpu_graphs, overrides):
+    eager = run(compose(*RUN, *overrides), tmp_path / "eager")
+    graphed = run(compose(*RUN, *overrides, "train.cuda_graph=true"), tmp_path / "graph")
+    assert graphed["status"] == eager["status"] == "completed"
+    warmup = 5 if "norm.warmup=5" in overrides else 0
+    assert cpu_graphs == [3 + warmup]  # captured once, after the eager start
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "graph" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "eager" / "metrics.jsonl"))
+    states = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("eager", "graph")]
+    drop_time = lambda p: {k: v for k, v in p.items() if k != "train_seconds"}  # noqa: E731
+    assert drop_time(states[0]["progress"]) == drop_time(states[1]["progress"])
+    for key, value in states[0]["model"].items():
+        assert torch.equal(states[1]["model"][key], value), key
+    if states[0]["pre"] is not None:  # BNP's counts follow the replays
+        assert states[1]["pre"]["steps"] == states[0]["pre"]["steps"] == 30
+        for name, layer in states[0]["pre"]["layers"].items():
+            assert states[1]["pre"]["layers"][name]["batches"] == layer["batches"]
+            assert torch.equal(states[1]["pre"]["layers"][name]["var"], layer["var"])
+
+
+def test_epochs_are_reshuffled_under_replays(compose, tmp_path, cpu_graphs):
+    """30 steps of batch 4 over a 40-sample training set: three epochs, each in its own order."""
+    run(compose(*RUN, "train.batch_size=4", "norm=bnp"), tmp_path / "eager")
+    run(compose(*RUN, "train.batch_size=4", "norm=bnp", "train.cuda_graph=true"), tmp_path / "graph")
+    rows = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("eager", "graph")]
+    assert [r.get("train_loss") for r in rows[0]] == [r.get("train_loss") for r in rows[1]]
+
+
+def test_cuda_graph_config_errors_name_the_field(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.cuda_graph: needs a CUDA device \(train.device resolved to 'cpu'\)"):
+        run(compose(*RUN, "train.cuda_graph=true"), tmp_path)
+    cuda = torch.device("cuda")
+    cases = {
+        "optim.schedule=cosine": "optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant'",
+        "train.precision=fp16": "not with train.precision='fp16'",
+        "data.augment=true": "not with data augmentation",
+    }
+    for override, message in cases.items():
+        cfg = validate(compose(*RUN, override, "train.cuda_graph=true"))
+        with pytest.raises(ConfigError, match="train.cuda_graph: " + message.replace("(", r"\(")):
+            check_cuda_graph(cfg, cuda)
+    check_cuda_graph(validate(compose(*RUN, "optim=adamw", "optim.schedule=cosine")), cuda)  # allowed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overrides", [["norm=bnp", "train.batch_size=1"], ["norm=bnp", "optim=adam", "optim.schedule=cosine"]])
+def test_real_cuda_graph_run_matches_eager_on_the_gpu(compose, tmp_path, overrides):
+    device = [o for o in RUN if not o.startswith("train.device")] + ["train.device=cuda"]
+    eager = run(compose(*device, *overrides), tmp_path / "eager")
+    graphed = run(compose(*device, *overrides, "train.cuda_graph=true"), tmp_path / "graph")
+    assert graphed["status"] == eager["status"] == "completed"
+    for a, b in zip(read_metrics(tmp_path / "eager" / "metrics.jsonl"), read_metrics(tmp_path / "graph" / "metrics.jsonl")):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
