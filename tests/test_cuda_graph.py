@@ -105,3 +105,21 @@ def test_real_cuda_graph_run_matches_eager_on_the_gpu(compose, tmp_path, overrid
         for key in ("train_loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_interrupted_graph_run_resumes_to_the_uninterrupted_metrics(compose, tmp_path, cpu_graphs):
+    """Stopped at step 20 (a checkpoint), the rerun starts eager again, captures anew, and ends
+    exactly where an uninterrupted run ends."""
+    overrides = [*RUN, "norm=bnp", "train.batch_size=2", "train.cuda_graph=true"]
+    run(compose(*overrides), tmp_path / "whole")
+
+    def stop_at_20(trainer):
+        if trainer.step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(*overrides), tmp_path / "split", progress=stop_at_20)
+    resumed = run(compose(*overrides), tmp_path / "split")
+    assert resumed["status"] == "completed" and cpu_graphs == [3, 3, 23]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "split" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
