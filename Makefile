@@ -31,6 +31,7 @@ bench: setup ## step time of each norm vs plain SGD (MLP, CNN, ResNet-20; batch 
 	$(PY) benchmarks/bench_step.py --seconds 3 --out results/bench
 	$(PY) benchmarks/bench_step.py --seconds 3 --models mlp --threads 1 --out results/bench
 	$(PY) benchmarks/bench_overhead.py --out results/bench
+	$(PY) benchmarks/bench_overhead.py --batch-size 128 --rounds 30 --out results/bench
 
 run: setup ## quickstart: MLP on digits, norm x batch size x lr sweep -> results/quickstart/
 	$(PY) -m bnp.train -m experiment=quickstart launcher=local

@@ -1,6 +1,7 @@
 """Where BNP's time goes in a small step: the MLP at batch size 1 (or --batch-size), CPU by default.
 
-    python benchmarks/bench_overhead.py --out results/bench
+    python benchmarks/bench_overhead.py --out results/bench                   # batch size 1
+    python benchmarks/bench_overhead.py --batch-size 128 --out results/bench
 
 Compared in one process, in alternating blocks, each as a ratio to plain SGD:
   function  every Linear as a bare Python ``torch.autograd.Function`` with the native backward
@@ -35,7 +36,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        return grad_out.mm(weight), grad_out.t().mm(x), grad_out.sum(0)
+        grad_x = grad_out.mm(weight) if ctx.needs_input_grad[0] else None  # as native autograd does
+        return grad_x, grad_out.t().mm(x), grad_out.sum(0)
 
 
 class _FunctionForward:
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=60, help="alternating blocks of ~50 ms per variant")
-    parser.add_argument("--out", type=Path, help="write <out>/overhead-<device>.md")
+    parser.add_argument("--out", type=Path, help="write <out>/overhead-<device>-b<batch size>.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     variants = ["none", "function", "bnp", "bnp-ref"]
@@ -87,7 +89,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         command = (f"python benchmarks/bench_overhead.py --device {args.device} --batch-size {args.batch_size} "
                    f"--rounds {args.rounds} --out {args.out}")
-        (args.out / f"overhead-{device.type}.md").write_text(
+        (args.out / f"overhead-{device.type}-b{args.batch_size}.md").write_text(
             f"{header}\n\ncommand: `{command}`\n\n{table.to_markdown(index=False)}\n")
 
 

@@ -104,6 +104,14 @@ def test_all_dense_model_prepares_every_a_hat_with_the_fold(batch, extra_dims, o
     assert pre._batched and set(steps) == own_steps
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_prepared_a_hat_with_one_pass_moments(batch, monkeypatch):
+    """The GPU's moment path (torch.var_mean) also yields the deviations a_hat is made from."""
+    monkeypatch.setattr(BNP, "_one_pass", staticmethod(lambda x: True))
+    pre = assert_same_training(mlp, batches(8, batch))
+    assert pre._batched
+
+
 def test_fast_with_sequence_inputs_and_bias_free_layers():
     def build():
         torch.manual_seed(0)
