@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from bench_step import machine
 from bnp import BNP
 from bnp.models import MLP
 
@@ -109,9 +109,7 @@ def main() -> None:
         raise SystemExit("bench_graph.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     device = torch.device("cuda")
     data = (torch.rand(DATASET, 784, device=device), torch.randint(0, 10, (DATASET,), device=device))
-    name = torch.cuda.get_device_name(device)
-    header = (f"torch {torch.__version__}, {name}, MLP 784-{args.width}x3-10, batch {args.batch_size}, "
-              f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    header = f"MLP 784-{args.width}x3-10, batch {args.batch_size}, {machine(device)}"
     print("#", header, flush=True)
     diff = check_graph_matches_eager(data, args.batch_size, args.width, device)
     print(f"graph vs eager BNP after 220 steps: max |param difference| = {diff:.3g}", flush=True)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from bench_step import Setup, time_block
+from bench_step import Setup, machine, time_block
 from bnp.kernels import count_kernels
 
 
@@ -81,8 +80,7 @@ def main() -> None:
     rows = [{"variant": v, "ms": statistics.median(times[v]) * 1e3, "ratio": statistics.median(times[v]) / plain,
              "kernels": kernels[v], "kernel_ratio": kernels[v] / kernels["none"]} for v in variants]
     table = pd.DataFrame(rows).round(4)
-    header = (f"MLP 784-256-256-256-10, batch {args.batch_size}, torch {torch.__version__}, {device}, "
-              f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
+    header = f"MLP 784-256-256-256-10, batch {args.batch_size}, {machine(device)}"
     print(header)
     print(table.to_string(index=False))
     if args.out:

@@ -16,6 +16,8 @@ own state in brackets).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 import statistics
 import time
@@ -64,6 +66,17 @@ class Setup:
         buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
         bnp = sum(t.numel() * t.element_size() for t in (self.pre._mean, self.pre._var)) if self.pre else 0
         return params + buffers + bnp, bnp
+
+
+def machine(device: torch.device) -> str:
+    """The device's name and the host: CPU model, cores, torch threads, torch and Python versions."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = models[0] if models else cpu
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return (f"device {device} ({name}), host CPU {cpu} x {os.cpu_count()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 def sync(device: torch.device) -> None:
@@ -115,9 +128,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    header = (f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads, "
-              f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    header = machine(device)
     print("#", header)
     rows = []
     for model_key in args.models:
