@@ -220,6 +220,8 @@ class BNP:
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
     model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it
     after ``backward()`` (after ``scaler.unscale_(optimizer)`` with AMP), before ``optimizer.step()``.
+    The step has no host syncs, so a whole training step can be captured as a CUDA graph: capture
+    inside ``with pre.recording():`` and call ``pre.replayed()`` after each replay.
     """
 
     def __init__(
