@@ -372,3 +372,20 @@ def test_fast_step_adds_few_kernels_shared_by_all_layers(batch, shared):
     per_layer = (extra[6] - extra[2]) / 4
     assert per_layer <= 1
     assert extra[2] - 2 * per_layer <= shared
+
+
+def test_recording_keeps_counters_and_replayed_advances_them():
+    """A graph capture runs the step's Python once (recording: counters stay); a replay runs none
+    of it (replayed: counters advance as if the step had run)."""
+    model = mlp()
+    pre = BNP(model, fast=True)
+    x, y = batches(1, 4)[0]
+    for _ in range(2):
+        loss_of(model, x, y).backward()
+        pre.step()
+    with pre.recording():
+        loss_of(model, x, y).backward()
+        pre.step()
+    assert pre.steps == 2 and {pre.stats(n).batches for n in pre.names} == {2}
+    pre.replayed(3)
+    assert pre.steps == 5 and {pre.stats(n).batches for n in pre.names} == {5}
