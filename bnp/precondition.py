@@ -421,7 +421,7 @@ class BNP:
             if x.dim() == layer.spatial_dims + 1:  # unbatched (C, *spatial)
                 x = x.unsqueeze(0)
             return x, (0, *range(2, x.dim()))
-        return x.reshape(-1, layer.features), (0,)
+        return (x if x.dim() == 2 else x.reshape(-1, layer.features)), (0,)
 
     def _fold_synced(self) -> None:
         """Fold the pending inputs of every rank with one all-reduce (two on a layer's first batch).
