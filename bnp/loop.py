@@ -79,7 +79,9 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = plan(len(data.train_x), cfg)
         self.eval_every = cfg.eval_every or max(1, self.steps_per_epoch // cfg.evals_per_epoch)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        # CUDA graphs need autocast's cast cache off (a cached cast would outlive the capture)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=not cfg.cuda_graph)
+                         ) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         # progress (all of it goes into the checkpoint)

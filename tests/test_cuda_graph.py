@@ -49,6 +49,7 @@ def cpu_graphs(monkeypatch):
     ["norm=bnp", "norm.fast=false", "norm.warmup=5"],  # reference path; capture after BNP's warmup
     ["norm=bn", "optim.momentum=0.9"],
     ["norm=ln", "optim.momentum=0.9", "optim.nesterov=true"],
+    ["norm=bnp", "train.precision=bf16"],  # autocast without its cast cache, as capture needs
 ])  # Adam's capturable step runs on GPUs only: see the CUDA test
 def test_graph_mode_trains_exactly_like_eager_steps(compose, tmp_path, cpu_graphs, overrides):
     eager = run(compose(*RUN, *overrides), tmp_path / "eager")
@@ -95,7 +96,8 @@ def test_cuda_graph_config_errors_name_the_field(compose, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("overrides", [["norm=bnp", "train.batch_size=1"], ["norm=bnp", "optim=adam", "optim.schedule=cosine"]])
+@pytest.mark.parametrize("overrides", [["norm=bnp", "train.batch_size=1"], ["norm=bnp", "optim=adam", "optim.schedule=cosine"],
+                                       ["norm=bnp", "train.precision=bf16"]])
 def test_real_cuda_graph_run_matches_eager_on_the_gpu(compose, tmp_path, overrides):
     device = [o for o in RUN if not o.startswith("train.device")] + ["train.device=cuda"]
     eager = run(compose(*device, *overrides), tmp_path / "eager")
