@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from bnp import BNP
-from bnp.config import ConfigError, TrainConfig
+from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
 from bnp.distributed import summed
 from bnp.log import RunLog
@@ -98,9 +98,7 @@ class Trainer:
         self._epoch_cache = (-1, None, None)
         # train.cuda_graph: after a few eager steps, each step is one replay of a captured step that
         # takes its batch at a device-side position in the epoch buffers (refilled in place)
-        self.graphed = cfg.cuda_graph
-        if self.graphed and (world > 1 or self.scaler is not None or data.augment):
-            raise ConfigError("train.cuda_graph: not with several processes, fp16 or data augmentation")
+        self.graphed = cfg.cuda_graph  # what it cannot do is refused by bnp.train.check_cuda_graph
         self._replay = None
         self._position = torch.zeros((), dtype=torch.long, device=device)
         self._offsets = torch.arange(self.local_batch, device=device)

@@ -70,12 +70,10 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     device = torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else wanted.replace("auto", "cpu"))
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
-    if cfg.train.cuda_graph:
-        check_cuda_graph(cfg, device)
     return device
 
 
-def check_cuda_graph(cfg: RunConfig, device: torch.device) -> None:
+def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1) -> None:
     """What a captured training step cannot do, as config errors."""
     def refuse(reason: str) -> None:
         raise ConfigError(f"train.cuda_graph: {reason}; or set train.cuda_graph=false")
@@ -86,6 +84,8 @@ def check_cuda_graph(cfg: RunConfig, device: torch.device) -> None:
         refuse("not with train.precision='fp16' (its gradient scaler reads the host); use 'bf16' or 'fp32'")
     if cfg.data.augment or (cfg.data.augment is None and cfg.data.name.startswith("cifar")):
         refuse("not with data augmentation (data.augment, on by default for CIFAR); set data.augment=false")
+    if world > 1:
+        refuse(f"not with several processes ({world}); one process per GPU has no graph mode yet")
     if cfg.optim.name == "sgd" and cfg.optim.schedule != "constant":
         refuse(f"optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant' "
                f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")
@@ -144,6 +144,8 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
 
 def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, rank: int, world: int) -> dict:
     device = distributed.local_device(resolve_device(config))
+    if config.train.cuda_graph:
+        check_cuda_graph(config, device, world)
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)

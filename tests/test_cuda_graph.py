@@ -36,7 +36,7 @@ def replay_eagerly(step):
 
 @pytest.fixture
 def cpu_graphs(monkeypatch):
-    monkeypatch.setattr(bnp.train, "check_cuda_graph", lambda cfg, device: None)
+    monkeypatch.setattr(bnp.train, "check_cuda_graph", lambda cfg, device, world: None)
     monkeypatch.setattr(Trainer, "_record", staticmethod(replay_eagerly))
     captures = []
     original = Trainer._capture
@@ -92,6 +92,8 @@ def test_cuda_graph_config_errors_name_the_field(compose, tmp_path):
         cfg = validate(compose(*RUN, override, "train.cuda_graph=true"))
         with pytest.raises(ConfigError, match="train.cuda_graph: " + message.replace("(", r"\(")):
             check_cuda_graph(cfg, cuda)
+    with pytest.raises(ConfigError, match=r"train.cuda_graph: not with several processes \(2\)"):
+        check_cuda_graph(validate(compose(*RUN, "train.cuda_graph=true")), cuda, world=2)
     check_cuda_graph(validate(compose(*RUN, "optim=adamw", "optim.schedule=cosine")), cuda)  # allowed
 
 
