@@ -309,6 +309,7 @@ class BNP:
     def _to(self, device: torch.device) -> None:
         self._mean = self._mean.to(device)
         self._var = self._var.to(device)
+        self._ones_cache.clear()
         self._bind()
 
     # Statistics are folded in lazily: the hook only keeps a reference to the input (autograd keeps
@@ -518,8 +519,8 @@ class BNP:
         return self._derived
 
     def _ones(self, n: int) -> torch.Tensor:
-        ones = self._ones_cache.get(n)
-        if ones is None or ones.device != self._mean.device:
+        ones = self._ones_cache.get(n)  # emptied by _to(), so always on the statistics' device
+        if ones is None:
             ones = self._ones_cache[n] = self._mean.new_ones(n)
         return ones
 
