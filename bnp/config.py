@@ -114,10 +114,20 @@ class DataConfig:
         _check("data.classes", self.classes >= 2, "an integer >= 2", self.classes)
 
 
+# optim.lr=null picks these (results/defaults: every norm x batch size 1/16/128 learns on digits).
+# BNP's steps are larger at the same lr (it divides by the inputs' variance + eps, down to eps = 0.01
+# on near-constant inputs): with plain SGD at batch size 1 it blew up within 100 steps at 0.02.
+DEFAULT_LR = {("sgd", "bnp"): 0.01, "sgd": 0.05, "adam": 0.001, "adamw": 0.001}
+
+
+def default_lr(optimizer: str, norm: str) -> float:
+    return DEFAULT_LR.get((optimizer, norm), DEFAULT_LR[optimizer])
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.05
+    lr: Optional[float] = None  # null: default_lr(name, norm.kind)
     momentum: float = 0.0  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0
@@ -129,7 +139,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, OPTIMIZERS)
         _choice("optim.schedule", self.schedule, SCHEDULES)
-        _check("optim.lr", self.lr > 0 and math.isfinite(self.lr), "a finite number > 0", self.lr)
+        _check("optim.lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+               "a finite number > 0 (or null: the default for the optimizer and norm)", self.lr)
         _check("optim.momentum", 0 <= self.momentum < 1, "in [0, 1)", self.momentum)
         _check("optim.nesterov", not self.nesterov or self.momentum > 0, "false unless optim.momentum > 0",
                self.nesterov)
@@ -155,6 +166,9 @@ class TrainConfig:
     rerun: bool = False  # redo a run whose summary says completed (otherwise it is skipped)
     threads: Optional[int] = None  # torch CPU threads; null = torch's default (parallel sweeps set 1)
     cuda_graph: bool = False  # replay each training step as one CUDA graph (cuda; see README)
+    # diverged: a non-finite loss or parameter, or a logged train loss above diverge_factor x the
+    # untrained model's validation loss (step 0); null turns the blow-up rule off
+    diverge_factor: Optional[float] = 10.0
 
     def __post_init__(self) -> None:
         _check("train.epochs", self.epochs > 0, "> 0", self.epochs)
@@ -168,6 +182,8 @@ class TrainConfig:
         _check("train.evals_per_epoch", self.evals_per_epoch >= 1, "an integer >= 1", self.evals_per_epoch)
         _check("train.eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1", self.eval_batch_size)
         _check("train.threads", self.threads is None or self.threads >= 1, "null or an integer >= 1", self.threads)
+        _check("train.diverge_factor", self.diverge_factor is None or self.diverge_factor > 1, "null (off) or > 1",
+               self.diverge_factor)
 
 
 @dataclass
@@ -192,9 +208,27 @@ class RunConfig:
     name: str = "default"  # sweep / experiment name
     out_root: str = "outputs"  # runs go to <out_root>/runs, sweeps to <out_root>/sweeps
 
+    def __post_init__(self) -> None:
+        if self.optim.lr is None:
+            self.optim.lr = default_lr(self.optim.name, self.norm.kind)
+
+
+def _unknown_keys(given: Any, schema: Any, prefix: str = "") -> None:
+    """Keys of ``given`` that the schema lacks (Hydra lets ``+key=value`` add them to a typed node,
+    and the schema would then drop them silently)."""
+    if not isinstance(given, (dict, DictConfig)) or not isinstance(schema, DictConfig):
+        return
+    for key in given:
+        if key not in schema:
+            where = prefix.rstrip(".") or "the config"
+            raise ConfigError(f"{prefix}{key}: not a key of {where} (it accepts: {', '.join(map(str, schema))}); "
+                              f"remove the override that adds it (+{prefix}{key}=...)")
+        _unknown_keys(given[key], schema[key], f"{prefix}{key}.")
+
 
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Merge ``cfg`` onto the schema and return a checked ``RunConfig``; raise ConfigError."""
+    _unknown_keys(cfg, OmegaConf.structured(RunConfig))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         return OmegaConf.to_object(merged)

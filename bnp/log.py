@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,16 @@ def _finite_or_none(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory: made once, kept in ``wandb/run_id`` (train.rerun=true
+    removes the folder, and with it the id)."""
+    path = Path(run_dir) / "wandb" / "run_id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(4) + "\n")
+    return path.read_text().strip()
+
+
 class RunLog:
     """Appends metric rows to ``metrics.jsonl`` and mirrors them to W&B."""
 
@@ -63,6 +74,7 @@ class RunLog:
             self.wandb_run = wandb.init(
                 project=logger.project, group=logger.group, tags=list(logger.tags), config=config,
                 name=run_name, dir=str(run_dir), mode=logger.wandb, reinit="finish_previous",
+                id=wandb_run_id(run_dir), resume="allow",  # a resumed run continues the same W&B run
             )
 
     def offset(self) -> int:

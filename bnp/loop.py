@@ -45,6 +45,10 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped by a signal after saving a resumable checkpoint."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (truncated, corrupt, or from another configuration)."""
+
+
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast) -> tuple[float, float]:
     """Mean cross-entropy and accuracy in eval mode (BN uses running statistics, BNP hooks idle)."""
@@ -93,7 +97,8 @@ class Trainer:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)  # ... and predicted right
         self.best_val_acc, self.best_step, self.test_at_best = -1.0, 0, None
         self.last_train_loss, self.last_eval = None, {}
-        self.status = "running"
+        self.initial_loss = None  # the untrained model's validation loss: the divergence rule's scale
+        self.status, self.reason = "running", None  # reason: why a run diverged
         self._stop_signal = None
         self._epoch_cache = (-1, None, None)
         # train.cuda_graph: after a few eager steps, each step is one replay of a captured step that
@@ -116,6 +121,7 @@ class Trainer:
                 "loss_count": self.loss_count, "seen": self.seen.item(), "correct": self.correct.item(),
                 "best_val_acc": self.best_val_acc, "best_step": self.best_step, "test_at_best": self.test_at_best,
                 "last_train_loss": self.last_train_loss, "last_eval": self.last_eval,
+                "initial_loss": self.initial_loss,
             },
             "metrics_offset": self.log.offset(),
         }
@@ -131,16 +137,21 @@ class Trainer:
         """Load the checkpoint if there is one; True if training continues from it."""
         if not self.checkpoint.exists():
             return False
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.pre is not None:
-            self.pre.load_state_dict(state["pre"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.aug_gen.set_state(state["aug_gen"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.pre is not None:
+                self.pre.load_state_dict(state["pre"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
+        except Exception as err:
+            detail = (str(err).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"{self.checkpoint}: cannot resume from it ({type(err).__name__}: {detail[:200]}); it is truncated, "
+                "corrupt or from another configuration. Start the run over with train.rerun=true "
+                "(this replaces its metrics and checkpoint)") from err
         p = state["progress"]
         self.step, self.train_seconds, self.loss_count = p["step"], p["train_seconds"], p["loss_count"]
         self.loss_sum.fill_(p["loss_sum"])
@@ -148,6 +159,7 @@ class Trainer:
         self.correct.fill_(p["correct"])
         self.best_val_acc, self.best_step, self.test_at_best = p["best_val_acc"], p["best_step"], p["test_at_best"]
         self.last_train_loss, self.last_eval = p["last_train_loss"], p["last_eval"]
+        self.initial_loss = p.get("initial_loss")
         self.log.truncate(state["metrics_offset"])
         return True
 
@@ -249,8 +261,8 @@ class Trainer:
         self.loss_count += 1
         self.scheduler.step()
 
-    def _log_train(self, samples_per_s: float) -> bool:
-        """Write a train row; False if the loss is no longer finite (diverged)."""
+    def _log_train(self, samples_per_s: float) -> str | None:
+        """Write a train row; returns why the run diverged, or None while it is healthy."""
         loss_sum, correct, seen = summed(self.loss_sum, self.correct, self.seen)  # over processes
         loss = loss_sum.item() / max(1, self.loss_count * self.world)
         self.loss_sum.zero_()
@@ -260,17 +272,34 @@ class Trainer:
                "lr": float(self.optimizer.param_groups[0]["lr"]), "samples_per_s": samples_per_s * self.world,
                "prequential_acc": correct.item() / max(1, seen.item())}
         self.log.log(row)
-        return math.isfinite(loss)
+        return self._divergence(loss)
 
-    def _evaluate(self) -> bool:
+    def _divergence(self, loss: float) -> str | None:
+        """The divergence rule: a non-finite loss or parameter, or a blow-up of the train loss (its
+        mean over the log interval) past train.diverge_factor x the untrained model's loss."""
+        if not math.isfinite(loss):
+            return f"train loss is {loss}"
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if not finite.item():
+            bad = [name for name, p in self.model.named_parameters() if not p.detach().isfinite().all()]
+            return f"non-finite parameters: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+        factor, start = self.cfg.diverge_factor, self.initial_loss
+        if factor is not None and start is not None and loss > factor * start:
+            return (f"train loss {loss:.3g} > {factor:g} x the untrained model's validation loss {start:.3g} "
+                    f"(train.diverge_factor)")
+        return None
+
+    def _evaluate(self) -> str | None:
         d, bs = self.data, self.cfg.eval_batch_size
         val_loss, val_acc = evaluate(self.model, d.val_x, d.val_y, bs, self.autocast)
         test_loss, test_acc = evaluate(self.model, d.test_x, d.test_y, bs, self.autocast)
         self.last_eval = {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
         self.log.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.last_eval})
+        if self.step == 0:
+            self.initial_loss = val_loss
         if val_acc > self.best_val_acc:
             self.best_val_acc, self.best_step, self.test_at_best = val_acc, self.step, test_acc
-        return math.isfinite(val_loss)
+        return None if math.isfinite(val_loss) else f"validation loss is {val_loss}"
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -314,18 +343,19 @@ class Trainer:
                 sync()
                 now = time.perf_counter()
                 self.train_seconds += now - tick
-                finite = self._log_train(samples / max(now - tick, 1e-9)) if at_log else True
-                if finite and at_eval:
-                    finite = self._evaluate()
-                if not finite:
-                    self.status = "diverged"
+                reason = self._log_train(samples / max(now - tick, 1e-9)) if at_log else None
+                if reason is None and at_eval:
+                    reason = self._evaluate()
+                if reason is not None:
+                    self.status, self.reason = "diverged", f"step {self.step}: {reason}"
                     return
                 if at_eval or self._stop_signal is not None:
                     self.save()
                 if progress is not None:
                     progress(self)
                 if self._stop_signal is not None:
-                    raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
+                    name = signal.Signals(self._stop_signal).name
+                    raise Interrupted(f"by {name} at step {self.step}/{self.total_steps}, checkpoint saved")
                 tick, samples = time.perf_counter(), 0
         self.status = "completed"
 
@@ -336,6 +366,7 @@ class Trainer:
         correct, seen = (t.item() for t in summed(self.correct, self.seen))
         return {
             "status": self.status,
+            **({"reason": self.reason} if self.reason else {}),
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
             "final_train_loss": self.last_train_loss,

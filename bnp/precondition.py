@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import weakref
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -84,6 +85,18 @@ class _Layer:
         self.forwards = 0  # training or grad-enabled forwards since the last step()
         self.fast_grads = False  # a backward since the last step() left preconditioned grads
         self.deferred = False  # this step's grads are raw: step() preconditions them (reference path)
+        self.grad_mark = None  # the weight gradient the last step() left, as (weak reference, version)
+
+    def mark_grad(self) -> None:
+        """Remember this weight gradient as preconditioned (a weak reference and its version)."""
+        grad = self.weight.grad
+        self.grad_mark = (weakref.ref(grad), grad._version)
+
+    def has_new_grad(self) -> bool:
+        """A weight gradient that step() has not preconditioned: a new tensor, or one edited in place
+        since (autograd accumulating into it, zero_grad(set_to_none=False))."""
+        grad, mark = self.weight.grad, self.grad_mark
+        return mark is None or mark[0]() is not grad or mark[1] != grad._version
 
     def describe(self) -> str:
         kind = type(self.module).__name__
@@ -261,7 +274,7 @@ class BNP:
         self.skip = patterns
         self.sync = sync
         self.fast = fast
-        self.steps = 0  # number of step() calls so far
+        self.steps = 0  # step() calls that had statistics and new gradients (what warmup counts)
 
         self._layers: list[_Layer] = []
         offset = 0
@@ -488,16 +501,28 @@ class BNP:
     # ------------------------------------------------------------------ preconditioning
     @torch.no_grad()
     def step(self) -> None:
-        """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient."""
+        """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient.
+
+        Call it once per backward. A gradient that step() already preconditioned and that nothing
+        has changed since is never preconditioned again; if no tracked layer has a new gradient,
+        step() raises. Only calls with new gradients and statistics count towards ``warmup``
+        (before the first training forward there are no statistics: gradients stay as they are)."""
         self._fold_pending()
-        self.steps += 1
+        with_grads = [layer for layer in self._layers if layer.weight.grad is not None]
+        fresh = [layer for layer in with_grads if layer.has_new_grad()]
+        if with_grads and not fresh:
+            raise RuntimeError(
+                "BNP.step(): the gradients have not changed since the last step() preconditioned them; "
+                "call step() once per backward: forward, loss.backward(), pre.step(), optimizer.step()"
+            )
+        if fresh and any(layer.batches for layer in self._layers):  # else nothing to precondition with yet
+            self.steps += 1
         if self.steps > self.warmup:
-            layers = [
-                layer for layer in self._layers
-                if layer.batches and layer.weight.grad is not None and not (layer.fast_grads and not layer.deferred)
-            ]
+            layers = [layer for layer in fresh if layer.batches and not (layer.fast_grads and not layer.deferred)]
             if layers:
                 self._precondition_all(layers)
+        for layer in fresh:
+            layer.mark_grad()
         for layer in self._layers:
             layer.forwards, layer.fast_grads, layer.deferred = 0, False, False
         self._forget_derived()  # the persistent state stays (mean, var)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from bnp import BNP, distributed
 from bnp.config import ConfigError, NotApplicable, RunConfig, check_applicable, validate
 from bnp.data import DataError, load
 from bnp.log import RunLog, read_json, write_json
-from bnp.loop import Trainer, plan
+from bnp.loop import CheckpointError, Interrupted, Trainer, plan
 from bnp.models import build_model
 from bnp.optim import build_optimizer
 
@@ -91,6 +92,10 @@ def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1) -> No
                f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")
 
 
+class RunLocked(RuntimeError):
+    """Another process holds the run directory."""
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One process per run directory (two identical sweep jobs would otherwise share files)."""
@@ -98,16 +103,29 @@ def run_lock(run_dir: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{run_dir} is being trained by another process") from None
+            raise RunLocked(f"{run_dir} is being trained by another process (it holds {run_dir / '.lock'}); "
+                            "wait for it, or stop it and run this command again to resume") from None
         yield
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: the project's own errors speak for themselves, others get their type."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    own = isinstance(err, (ConfigError, DataError, CheckpointError, RunLocked, Interrupted))
+    return text if own else f"{type(err).__name__}: {text}"
 
 
 def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None) -> dict:
     """Validate ``cfg``, train, and write the run directory; returns the summary."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = validate(cfg)  # ConfigError before anything else happens
     summary_path = run_dir / "summary.json"
+    try:
+        config = validate(cfg)  # ConfigError before anything else happens
+    except ConfigError as err:  # recorded with the config as given, so reports count the failed run
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        write_json(summary_path, {"run_dir": str(run_dir), "status": "failed", "reason": one_line(err)})
+        raise
     if summary_path.exists():
         previous = read_json(summary_path)
         if previous.get("status") in ("completed", "diverged", "not_applicable") and not config.train.rerun:
@@ -143,44 +161,53 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
 
 
 def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, rank: int, world: int) -> dict:
-    device = distributed.local_device(resolve_device(config))
-    if config.train.cuda_graph:
-        check_cuda_graph(config, device, world)
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.train.seed)
-    data = load(config.data, device)
-    model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
-    pre = None
-    if config.norm.kind == "bnp":
-        n = config.norm
-        pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
-                  skip=tuple(n.skip), fast=n.fast)
+    summary = {**base, "status": "failed", "processes": world}
+    log = None
     try:
-        steps_per_epoch, total = plan(len(data.train_x), config.train)
-    except ValueError as err:  # a batch larger than the training set: a config error
-        raise ConfigError(str(err)) from None
-    optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch,
-                                           graph_device=device if config.train.cuda_graph else None)
-    log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
-    summary = {**base, "status": "failed", "device": str(device), "processes": world}
-    try:
+        torch.set_flush_denormal(True)  # denormal floats (underflowing values) are 100x slower on CPUs
+        device = distributed.local_device(resolve_device(config))
+        summary["device"] = str(device)
+        if config.train.cuda_graph:
+            check_cuda_graph(config, device, world)
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)
+        data = load(config.data, device)
+        model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
+        pre = None
+        if config.norm.kind == "bnp":
+            n = config.norm
+            try:
+                pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
+                          skip=tuple(n.skip), fast=n.fast)
+            except ValueError as err:  # e.g. a skip pattern that matches no layer
+                raise ConfigError(f"norm: {err}") from None
+        try:
+            steps_per_epoch, total = plan(len(data.train_x), config.train)
+        except ValueError as err:  # a batch larger than the training set: a config error
+            raise ConfigError(str(err)) from None
+        optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch,
+                                               graph_device=device if config.train.cuda_graph else None)
+        log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
         trainer = Trainer(model, data, optimizer, scheduler, pre, config.train, device, log,
                           run_dir / "checkpoint.pt", precision=config.train.precision, rank=rank, world=world)
         if trainer.resume() and rank == 0:
             print(f"[bnp] {run_dir}: resuming at step {trainer.step}/{trainer.total_steps}")
         summary.update(trainer.run(progress=progress or (_printer(run_dir) if rank == 0 else None)))
         summary["total_steps"] = trainer.total_steps
+        if summary["status"] == "diverged" and rank == 0:
+            print(f"[bnp] {run_dir.name}: DIVERGED at {summary['reason']}", flush=True)
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         raise
     except Exception as err:
-        summary["reason"] = f"{type(err).__name__}: {err}"
+        summary["reason"] = one_line(err)
         raise
     finally:
         if summary["status"] != "interrupted" and rank == 0:
             write_json(run_dir / "summary.json", summary)
-        log.close(summary)
+        if log is not None:
+            log.close(summary)
     return summary
 
 
@@ -202,13 +229,18 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run(cfg, run_dir, in_sweep=in_sweep)
-    except (ConfigError, DataError) as err:
-        if not in_sweep:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        # inside a sweep, record the failure and let the other runs go on
-        write_json(run_dir / "summary.json", {"status": "failed", "reason": str(err), "run_dir": str(run_dir)})
-        print(f"[bnp] {run_dir}: FAILED: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        where = str(err) if isinstance(err, Interrupted) else "before training started"
+        print(f"[bnp] {run_dir}: interrupted {where}; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if os.environ.get("BNP_TRACEBACK"):
+            raise
+        if in_sweep:  # recorded; the other runs go on
+            print(f"[bnp] {run_dir.name}: FAILED: {one_line(err)}", file=sys.stderr, flush=True)
+            return
+        print(f"error: {one_line(err)}\n(set BNP_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
 
 
 if __name__ == "__main__":

@@ -325,6 +325,47 @@ def test_skip_warmup_repr_remove():
     assert pre.stats("0").batches == 3
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_second_step_without_a_new_forward_is_refused(fast):
+    model = mlp().double()
+    pre = BNP(model, fast=fast)
+    x = torch.randn(4, 6, dtype=torch.float64) + 1
+    model(x).sum().backward()
+    pre.step()
+    once = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"have not changed since the last step\(\)"):
+        pre.step()
+    assert all(torch.equal(a, p.grad) for a, p in zip(once, model.parameters()))  # not preconditioned twice
+    model.zero_grad()
+    model(x).sum().backward()
+    pre.step()  # a new forward and backward: fine again
+    model[0].weight.grad.mul_(2)  # so is a gradient edited in place (e.g. zero_grad(set_to_none=False))
+    pre.step()
+    assert pre.steps == 3
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_steps_without_statistics_leave_grads_alone_and_keep_the_warmup(fast):
+    model = mlp().double()
+    plain = copy.deepcopy(model)  # the same network without BNP: its gradients are the raw ones
+    pre = BNP(model, warmup=1, fast=fast)
+    x = torch.randn(4, 6, dtype=torch.float64) + 1
+
+    def step_and_compare():
+        for net in (model, plain):
+            net.zero_grad()
+            net(x).sum().backward()
+        pre.step()
+        return torch.equal(model[0].weight.grad, plain[0].weight.grad)
+
+    pre.step()  # before any forward or backward: nothing to do
+    model.eval(), plain.eval()  # forward and backward without statistics
+    assert step_and_compare() and pre.steps == 0
+    model.train(), plain.train()
+    assert step_and_compare() and pre.steps == 1  # the one warmup step
+    assert not step_and_compare() and pre.steps == 2  # preconditioned
+
+
 def test_skip_by_class_name_and_glob():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
     assert BNP(model, skip="Conv2d").names == ["2"]

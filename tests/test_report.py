@@ -3,7 +3,9 @@
 import math
 
 import pandas as pd
+import pytest
 
+from bnp.config import ConfigError
 from bnp.report import comparison_table, load_runs, main, pick_learning_rates, steps_to_target
 from bnp.train import run
 from conftest import TINY
@@ -18,13 +20,15 @@ def make_sweep(compose, root):
                 run(cfg, root / f"{norm}-{lr}-{seed}", in_sweep=True)
     run(compose(*base, "norm=none", "optim.lr=1e9", "train.log_every=2"), root / "none-diverged", in_sweep=True)
     run(compose(*base, "norm=bn", "train.batch_size=1"), root / "bn-online", in_sweep=True)
+    with pytest.raises(ConfigError):  # fails before training: still a row of the report
+        run(compose(*base, "norm=bnp", "optim.lr=0.03", "norm.skip=[foo]"), root / "bnp-failed", in_sweep=True)
 
 
 def test_report_tables_and_figures(compose, tmp_path):
     sweep = tmp_path / "sweep"
     make_sweep(compose, sweep)
     runs, curves = load_runs(sweep)
-    assert len(runs) == 14 and set(runs["status"]) == {"completed", "diverged", "not_applicable"}
+    assert len(runs) == 15 and set(runs["status"]) == {"completed", "diverged", "not_applicable", "failed"}
 
     chosen = pick_learning_rates(runs)
     for _, row in chosen.iterrows():
@@ -37,6 +41,7 @@ def test_report_tables_and_figures(compose, tmp_path):
     assert by[("none", 4)]["status"] == "4 completed, 1 diverged"
     assert by[("bn", 1)]["status"] == "1 not_applicable" and by[("bn", 1)]["lr"] == "n/a"
     assert by[("bnp", 4)]["seeds"] == 2 and "±" in by[("bnp", 4)]["test_acc"]
+    assert by[("bnp", 4)]["status"] == "4 completed, 1 failed"
 
     out = tmp_path / "report"
     main([str(sweep), "--out", str(out), "--target", "0.5"])
