@@ -182,9 +182,28 @@ def test_input_gradients_match():
     torch.testing.assert_close(grads[1], grads[0], **F64)
 
 
-def test_fast_float32_matches_to_float_tolerance():
-    assert_same_training(lambda: conv_net(torch.float32), batches(20, 1, dtype=torch.float32),
-                         tol=dict(rtol=1e-4, atol=1e-5))
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fast_float32_grads_are_as_close_to_float64_as_the_reference_path(batch):
+    """Per step, with the parameters held fixed (training would let rounding differences grow
+    chaotically, and how fast depends on the CPU), every float32 gradient of both paths must be
+    within 2048 u (u = 2^-24) of the float64 reference, normwise. Measured: up to 230 u for the fast
+    path and 135 u for the reference path (the float32 forward and backward through the tanh and the
+    convolution, amplified by 1 / (sigma2 + eps) <= 1 / eps = 100)."""
+    u = 2.0**-24
+    m64 = conv_net(torch.float64)
+    nets = {"fast": conv_net(torch.float32), "reference": conv_net(torch.float32)}
+    pres = {"fast": BNP(nets["fast"], fast=True), "reference": BNP(nets["reference"]), "f64": BNP(m64)}
+    for step, (x, y) in enumerate(batches(20, batch)):
+        for key, model in (*nets.items(), ("f64", m64)):
+            model.zero_grad()
+            loss_of(model, x if key == "f64" else x.float(), y).backward()
+            pres[key].step()
+        if step == 0 and batch == 1:
+            continue  # the first sample is its own mean: the exact gradient is 0, float32 leaves rounding
+        for key, model in nets.items():
+            for (name, exact), p in zip(m64.named_parameters(), model.parameters()):
+                error = (p.grad.double() - exact.grad).norm() / exact.grad.norm()
+                assert error <= 2048 * u, (key, step, name, error.item() / u)
 
 
 def test_fast_cpu_amp_and_bfloat16_model_match_the_reference_loosely():

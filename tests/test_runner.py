@@ -26,9 +26,16 @@ NORMS = ["none", "bn", "bnp", "ln", "gn"]
 DATA = ["digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "cifar100"]
 
 
-@pytest.mark.parametrize("data", DATA)
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("model", list(MODELS))
+def combinations():
+    """Every model x norm on digits and every dataset with two model x norm pairs in the default
+    suite; the rest of the full cross-product is marked slow (make test-all)."""
+    fast = {(m, n, "digits") for m in MODELS for n in NORMS}
+    fast |= {(m, n, d) for d in DATA for m, n in (("cnn", "bnp"), ("resnet20", "bn"))}
+    return [pytest.param(m, n, d, marks=() if (m, n, d) in fast else pytest.mark.slow)
+            for m in MODELS for n in NORMS for d in DATA]
+
+
+@pytest.mark.parametrize(("model", "norm", "data"), combinations())
 def test_every_model_norm_data_combination_trains(compose, data_root, tmp_path, model, norm, data):
     cfg = compose(*TINY, *MODELS[model], f"norm={norm}", f"data={data}", f"data.root={data_root}")
     summary = run(cfg, tmp_path)
