@@ -41,6 +41,9 @@ report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/N
 	@test -n "$(SWEEP)" || (echo "usage: make report SWEEP=outputs/sweeps/NAME [OUT=dir]" && exit 2)
 	$(PY) -m bnp.report $(SWEEP) $(if $(OUT),--out $(OUT),)
 
+fig-defaults: setup ## the defaults learn: every norm x batch size 1/16/128 at default settings, digits -> results/defaults
+	$(PY) experiments/defaults.py
+
 fig-mlp-batch-size: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128 -> results/mlp_batch_size
 	$(PY) experiments/mlp_batch_size.py
 
@@ -59,10 +62,10 @@ fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py
 
-reproduce: fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian ## every paper-claim experiment
+reproduce: fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
-	for e in mlp_batch_size online cnn cnn_momentum resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
+	for e in defaults mlp_batch_size online cnn cnn_momentum resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -70,4 +73,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian reproduce smoke

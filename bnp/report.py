@@ -61,6 +61,7 @@ def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
             "run": str(run_dir), "data": cfg["data"]["name"], "model": _model_label(cfg), "norm": cfg["norm"]["kind"],
             "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
             "seed": cfg["train"]["seed"], "status": summary.get("status", "unknown"),
+            "reason": summary.get("reason", ""),
         }
         for key in ("final_test_acc", "best_val_acc", "test_acc_at_best_val", "final_train_loss", "final_val_acc",
                     "prequential_acc", "wall_time_s", "samples_per_s", "steps"):
@@ -262,6 +263,9 @@ def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | No
     (out / "table.md").write_text(table.to_markdown(index=False) + "\n")
     (out / "table.tex").write_text(table.to_latex(index=False, escape=True))
     runs.to_csv(out / "runs.csv", index=False)
+    every = runs.assign(run=[Path(r).name for r in runs["run"]]).sort_values("run")
+    (out / "runs.md").write_text(every[["run", "status", "reason", "best_val_acc", "final_test_acc", "steps"]]
+                                 .to_markdown(index=False) + "\n")
     make_figures(runs, curves, out)
     (out / "PROVENANCE.md").write_text(_provenance(argv or [str(sweep_dir)], sweep_dir, runs))
     return table

