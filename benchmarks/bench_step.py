@@ -64,7 +64,7 @@ class Setup:
     def state_bytes(self) -> tuple[int, int]:
         params = sum(p.numel() * p.element_size() * 2 for p in self.model.parameters())  # + grads
         buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        bnp = sum(t.numel() * t.element_size() for t in (self.pre._mean, self.pre._var)) if self.pre else 0
+        bnp = sum(t.numel() * t.element_size() for t in (self.pre.running.mean, self.pre.running.var)) if self.pre else 0
         return params + buffers + bnp, bnp
 
 

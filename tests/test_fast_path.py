@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from bnp import BNP
 from bnp.kernels import count_kernels
+from bnp.precondition.layers import GradState
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -43,8 +44,9 @@ def loss_of(model, x, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def train(model, pre, data, *, lr=0.05, accumulate=1, order="interleaved"):
-    """SGD with momentum; ``accumulate`` forwards per step, backward after each or after all."""
+def train(model, pre, data, *, lr=0.05, accumulate=1, order="interleaved", watch=None):
+    """SGD with momentum; ``accumulate`` forwards per step, backward after each or after all;
+    ``watch(pre)`` runs after each step's backward passes, before ``pre.step()``."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for i in range(0, len(data), accumulate):
         opt.zero_grad()
@@ -54,17 +56,19 @@ def train(model, pre, data, *, lr=0.05, accumulate=1, order="interleaved"):
                 loss_of(model, x, y).backward()
         else:  # all forwards first, one backward of the summed loss
             sum(loss_of(model, x, y) for x, y in chunk).backward()
+        if watch is not None:
+            watch(pre)
         pre.step()
         opt.step()
     return model
 
 
-def assert_same_training(build, data, tol=F64, **options):
+def assert_same_training(build, data, tol=F64, watch=None, **options):
     train_kw = {k: options.pop(k) for k in ("accumulate", "order") if k in options}
     reference, fast = build(), build()
     ref_pre, fast_pre = BNP(reference, **options), BNP(fast, fast=True, **options)
     train(reference, ref_pre, data, **train_kw)
-    train(fast, fast_pre, data, **train_kw)
+    train(fast, fast_pre, data, watch=watch, **train_kw)
     for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")
     for name in ref_pre.names:
@@ -75,7 +79,7 @@ def assert_same_training(build, data, tol=F64, **options):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_fast_training_equals_reference(batch):
     pre = assert_same_training(conv_net, batches(12, batch))
-    assert [layer.fast for layer in pre._layers] == [True, False, True]
+    assert [pre.layer(name).fast for name in pre.names] == [True, False, True]
 
 
 def mlp(dtype=torch.float64):
@@ -83,33 +87,40 @@ def mlp(dtype=torch.float64):
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
 
 
+PRE, RAW, REF = GradState.PRECONDITIONED, GradState.IN_FLIGHT, GradState.REFERENCE
+
+
 @pytest.mark.parametrize(
-    "batch,extra_dims,options,own_steps",
+    "batch,extra_dims,options,states",
     [
-        (1, (), {}, set()),
-        (8, (), {}, set()),
-        (4, (5,), {}, set()),  # sequence inputs: rows are batch x positions
-        (1, (), {"warmup": 3, "momentum": 0.3}, {0, 1, 2}),  # raw grads during warmup
-        (2, (), {"accumulate": 3}, set()),  # the first backward is fast, the others native
-        (2, (), {"accumulate": 3, "order": "together"}, {0, 1, 2}),  # deferred before backward: raw
+        (1, (), {}, [PRE] * 8),
+        (8, (), {}, [PRE] * 8),
+        (4, (5,), {}, [PRE] * 8),  # sequence inputs: rows are batch x positions
+        (1, (), {"warmup": 3, "momentum": 0.3}, [RAW] * 3 + [PRE] * 5),  # raw grads during warmup
+        (2, (), {"accumulate": 3}, [REF] * 3),  # the first backward is fast, then handed over
+        (2, (), {"accumulate": 3, "order": "together"}, [REF] * 3),  # handed over before backward
     ],
 )
-def test_all_dense_model_prepares_every_a_hat_with_the_fold(batch, extra_dims, options, own_steps, monkeypatch):
+def test_all_dense_model_prepares_every_a_hat_with_the_fold(batch, extra_dims, options, states):
     """An MLP with biases gets a_hat of all layers from one op, computed with the statistics fold;
-    layers fall back to their own a_hat exactly where the batched one does not apply."""
-    steps = []
-    own = BNP._own_a_hat
-    monkeypatch.setattr(BNP, "_own_a_hat", lambda self, layer, x: steps.append(self.steps) or own(self, layer, x))
-    pre = assert_same_training(mlp, batches(8, batch, extra_dims=extra_dims), **options)
-    assert pre._batched and set(steps) == own_steps
+    layers fall back exactly where the batched one does not apply (warmup, the reference path)."""
+    seen = []
+
+    def watch(pre):  # after each step's backward: every layer's state, and whether a_hat was prepared
+        layer_states = {pre.layer(name).state for name in pre.names}
+        assert len(layer_states) == 1
+        seen.append(layer_states.pop())
+        assert (pre.running.a_hat is not None) == (seen[-1] is PRE) or seen[-1] is REF
+
+    pre = assert_same_training(mlp, batches(8, batch, extra_dims=extra_dims), watch=watch, **options)
+    assert pre.running.prepare_a_hat and seen == states
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_prepared_a_hat_with_one_pass_moments(batch, monkeypatch):
+def test_prepared_a_hat_with_one_pass_moments(batch):
     """The GPU's moment path (torch.var_mean) also yields the deviations a_hat is made from."""
-    monkeypatch.setattr(BNP, "_one_pass", staticmethod(lambda x: True))
-    pre = assert_same_training(mlp, batches(8, batch))
-    assert pre._batched
+    pre = assert_same_training(mlp, batches(8, batch), moments="one_pass")
+    assert pre.running.prepare_a_hat
 
 
 def test_fast_with_sequence_inputs_and_bias_free_layers():
@@ -264,7 +275,7 @@ def test_deepcopy_of_a_fast_model_is_bound_to_the_copy():
     train(model, pre, data[:2])
     twin = copy.deepcopy(model)
     twin_pre = twin[0].forward.pre  # the copy carries its own preconditioner
-    assert twin_pre is not pre and twin_pre._layers[0].module is twin[0]
+    assert twin_pre is not pre and twin_pre.layer("0").module is twin[0]
     train(model, pre, data[2:])
     train(twin, twin_pre, data[2:])
     for a, b in zip(model.parameters(), twin.parameters()):
@@ -351,7 +362,7 @@ def test_no_grad_training_forwards_fold_and_stay_exact(when):
                 with torch.no_grad():
                     model(x_extra)
             if pre is pres[1]:
-                assert pre._layers[0].deferred == (when == "after_backward")
+                assert (pre.layer("0").state is GradState.REFERENCE) == (when == "after_backward")
             pre.step()
             opt.step()
     for a, b in zip(*(m.parameters() for m in models)):
