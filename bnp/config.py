@@ -11,14 +11,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MODELS = ("mlp", "cnn", "resnet")
-RESNET_ARCHS = ("resnet20", "resnet32", "resnet56", "resnet110", "resnet18")
-ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
-NORMS = ("none", "bn", "bnp", "ln", "gn")
-DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
+from bnp.data import SOURCES
+from bnp.models import ARCHS, BUILDERS, NORMS
+from bnp.models.mlp import ACTIVATIONS
+
+# the accepted values, from the registries that implement them
+MODELS, RESNET_ARCHS, DATASETS = tuple(BUILDERS), ARCHS, tuple(SOURCES)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,7 +61,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODELS)
-        _choice("model.activation", self.activation, ACTIVATIONS)
+        _choice("model.activation", self.activation, tuple(ACTIVATIONS))
         _choice("model.arch", self.arch, RESNET_ARCHS)
         _check("model.depth", self.depth >= 1, "an integer >= 1", self.depth)
         _check("model.width", self.width >= 1, "an integer >= 1", self.width)
@@ -70,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class NormConfig:
-    kind: str = "none"  # none | bn | bnp | ln | gn
+    kind: str = "bnp"  # none | bn | bnp | ln | gn (the primary config's default, configs/config.yaml)
     # BNP options (used when kind == bnp); see bnp.BNP
     momentum: Optional[float] = None  # null = auto: min(0.1, batch size / 100)
     eps: float = 0.01
@@ -112,6 +114,10 @@ class DataConfig:
         _check("data.shape", len(self.shape) == 3 and all(s >= 1 for s in self.shape),
                "[channels, height, width] with positive entries", list(self.shape))
         _check("data.classes", self.classes >= 2, "an integer >= 2", self.classes)
+
+    def augments(self) -> bool:
+        """Random crop + flip: data.augment, or by default on for CIFAR only."""
+        return self.augment if self.augment is not None else self.name.startswith("cifar")
 
 
 # optim.lr=null picks these (results/defaults: every norm x batch size 1/16/128 learns on digits).
@@ -247,3 +253,46 @@ def check_applicable(cfg: RunConfig) -> None:
             "and a batch of one sample has no variance (PyTorch raises). For online learning use "
             "norm=bnp (statistics tracked across steps) or norm=ln (per-sample normalization)."
         )
+
+
+# ------------------------------------------------------------------ can this run here?
+def resolve_device(cfg: RunConfig) -> torch.device:
+    """train.device as a torch.device (auto: CUDA when there is one)."""
+    wanted = cfg.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was asked for, but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else wanted.replace("auto", "cpu"))
+
+
+def check_runnable(cfg: RunConfig, device: torch.device, world: int = 1, train_samples: int | None = None,
+                   real_capture: bool = True) -> None:
+    """Everything that depends on where the run goes (device, processes, data size), as config
+    errors naming the field; ``real_capture=False``: train.cuda_graph with a stand-in capture."""
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} must be divisible by "
+                          f"the number of processes ({world})")
+    if train_samples is not None and train_samples < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
+                          f"({train_samples} samples)")
+    if cfg.train.cuda_graph:
+        check_cuda_graph(cfg, device, world, real_capture)
+
+
+def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1, real_capture: bool = True) -> None:
+    """What a captured training step cannot do, as config errors."""
+    def refuse(reason: str) -> None:
+        raise ConfigError(f"train.cuda_graph: {reason}; or set train.cuda_graph=false")
+
+    if device.type != "cuda" and real_capture:
+        refuse(f"needs a CUDA device (train.device resolved to {device.type!r})")
+    if cfg.train.precision == "fp16":
+        refuse("not with train.precision='fp16' (its gradient scaler reads the host); use 'bf16' or 'fp32'")
+    if cfg.data.augments():
+        refuse("not with data augmentation (data.augment, on by default for CIFAR); set data.augment=false")
+    if world > 1:
+        refuse(f"not with several processes ({world}); one process per GPU has no graph mode yet")
+    if cfg.optim.name == "sgd" and cfg.optim.schedule != "constant":
+        refuse(f"optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant' "
+               f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")

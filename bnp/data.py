@@ -17,10 +17,13 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from bnp.config import DataConfig
+if TYPE_CHECKING:
+    from bnp.config import DataConfig
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
@@ -249,7 +252,7 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Data:
     labels = {"train": train_y, "val": val_y, "test": arrays["test_y"]}
     t = {k: v.to(device) for k, v in raw.items()}
     lab = {k: torch.as_tensor(np.asarray(v, dtype=np.int64)).to(device) for k, v in labels.items()}
-    augment = cfg.augment if cfg.augment is not None else cfg.name.startswith("cifar")
+    augment = cfg.augments()
     return Data(cfg.name, tuple(t["train"].shape[1:]), classes, t["train"], lab["train"], t["val"], lab["val"],
                 t["test"], lab["test"], augment=augment)
 

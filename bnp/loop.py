@@ -25,6 +25,7 @@ from bnp import BNP
 from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
 from bnp.distributed import summed
+from bnp.graph import GraphMode
 from bnp.log import RunLog
 
 
@@ -36,9 +37,6 @@ def plan(train_samples: int, cfg: TrainConfig) -> tuple[int, int]:
         raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the training set ({train_samples} samples)")
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     return steps_per_epoch, total
-
-
-GRAPH_WARMUP_STEPS = 3  # eager steps before a capture (train.cuda_graph)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -66,9 +64,14 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast)
 
 
 class Trainer:
+    # the progress a checkpoint keeps: host-side values, and device-side sums (saved as numbers)
+    PROGRESS = ("step", "train_seconds", "loss_count", "best_val_acc", "best_step", "test_at_best",
+                "last_train_loss", "last_eval", "initial_loss")
+    SUMS = ("loss_sum", "seen", "correct")
+
     def __init__(self, model, data: Data, optimizer, scheduler, pre: BNP | None, cfg: TrainConfig,
                  device: torch.device, log: RunLog, checkpoint: Path, precision: str = "fp32",
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, capture: Callable | None = None):
         self.model, self.data, self.optimizer, self.scheduler, self.pre = model, data, optimizer, scheduler, pre
         self.cfg, self.device, self.log, self.checkpoint = cfg, device, log, Path(checkpoint)
         self.rank, self.world = rank, world
@@ -101,13 +104,11 @@ class Trainer:
         self.status, self.reason = "running", None  # reason: why a run diverged
         self._stop_signal = None
         self._epoch_cache = (-1, None, None)
-        # train.cuda_graph: after a few eager steps, each step is one replay of a captured step that
-        # takes its batch at a device-side position in the epoch buffers (refilled in place)
-        self.graphed = cfg.cuda_graph  # what it cannot do is refused by bnp.train.check_cuda_graph
-        self._replay = None
-        self._position = torch.zeros((), dtype=torch.long, device=device)
-        self._offsets = torch.arange(self.local_batch, device=device)
-        self._side = torch.cuda.Stream(device) if self.graphed and device.type == "cuda" else None
+        # train.cuda_graph (what it cannot do is refused by bnp.config.check_cuda_graph); ``capture``
+        # replaces the CUDA capture (the CPU tests pass a stand-in)
+        self.graph = None
+        if cfg.cuda_graph:
+            self.graph = GraphMode(self) if capture is None else GraphMode(self, capture)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -116,13 +117,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "pre": self.pre.state_dict() if self.pre else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "aug_gen": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "progress": {
-                "step": self.step, "train_seconds": self.train_seconds, "loss_sum": self.loss_sum.item(),
-                "loss_count": self.loss_count, "seen": self.seen.item(), "correct": self.correct.item(),
-                "best_val_acc": self.best_val_acc, "best_step": self.best_step, "test_at_best": self.test_at_best,
-                "last_train_loss": self.last_train_loss, "last_eval": self.last_eval,
-                "initial_loss": self.initial_loss,
-            },
+            "progress": {**{name: getattr(self, name) for name in self.PROGRESS},
+                         **{name: getattr(self, name).item() for name in self.SUMS}},
             "metrics_offset": self.log.offset(),
         }
 
@@ -153,17 +149,19 @@ class Trainer:
                 "corrupt or from another configuration. Start the run over with train.rerun=true "
                 "(this replaces its metrics and checkpoint)") from err
         p = state["progress"]
-        self.step, self.train_seconds, self.loss_count = p["step"], p["train_seconds"], p["loss_count"]
-        self.loss_sum.fill_(p["loss_sum"])
-        self.seen.fill_(p["seen"])
-        self.correct.fill_(p["correct"])
-        self.best_val_acc, self.best_step, self.test_at_best = p["best_val_acc"], p["best_step"], p["test_at_best"]
-        self.last_train_loss, self.last_eval = p["last_train_loss"], p["last_eval"]
-        self.initial_loss = p.get("initial_loss")
+        for name in self.PROGRESS:
+            if name in p:  # checkpoints from before the divergence rule have no initial_loss
+                setattr(self, name, p[name])
+        for name in self.SUMS:
+            getattr(self, name).fill_(p[name])
         self.log.truncate(state["metrics_offset"])
         return True
 
     # ------------------------------------------------------------------ data
+    def epoch_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current epoch's shuffled buffers (refilled in place each epoch)."""
+        return self._epoch_cache[1], self._epoch_cache[2]
+
     def _epoch_data(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training set shuffled for ``epoch`` (seeded by train.seed and the epoch alone)."""
         if self._epoch_cache[0] != epoch:
@@ -178,32 +176,32 @@ class Trainer:
             self._epoch_cache = (epoch, x, y)
         return self._epoch_cache[1], self._epoch_cache[2]
 
-    def _start(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def batch_start(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The epoch buffers of ``step`` and where its batch starts in them."""
         epoch, position = divmod(step, self.steps_per_epoch)
         x_all, y_all = self._epoch_data(epoch)
         return x_all, y_all, position * self.batch_size + self.rank * self.local_batch
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x_all, y_all, start = self._start(step)
+        x_all, y_all, start = self.batch_start(step)
         x, y = x_all[start : start + self.local_batch], y_all[start : start + self.local_batch]
         if self.data.augment:
             x = augment_batch(x, self.aug_gen)
         return x, y
 
     # ------------------------------------------------------------------ training
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self._side is None:
-            self._update(x, y)
-        else:  # before a capture, eager steps run on a side stream (CUDA graphs' rule)
-            self._side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._side):
-                self._update(x, y)
-            torch.cuda.current_stream().wait_stream(self._side)
+    def train_step(self) -> None:
+        """One training step: eager, or a replay of the captured step in graph mode."""
+        if self.graph is not None and self.graph.replay is not None:
+            self.graph.step()
+        elif self.graph is not None:
+            self.graph.eager(lambda: self.update(*self.batch(self.step)))
+        else:
+            self.update(*self.batch(self.step))
         self.loss_count += 1
         self.scheduler.step()
 
-    def _update(self, x: torch.Tensor, y: torch.Tensor, set_to_none: bool = True) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor, set_to_none: bool = True) -> None:
         """The device work of one step: forward, metrics, backward, BNP, optimizer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         with self.autocast():
@@ -225,41 +223,6 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-
-    # ------------------------------------------------------------------ CUDA graph (train.cuda_graph)
-    def _graph_step(self) -> None:
-        """The step that is captured: its batch comes from the device-side position."""
-        _, x_all, y_all = self._epoch_cache
-        index = self._position + self._offsets
-        self._position.add_(self.batch_size)
-        self._update(x_all.index_select(0, index), y_all.index_select(0, index), set_to_none=False)
-
-    def _seat(self, step: int) -> None:
-        """Point the captured step at ``step``'s batch (refilling the epoch buffers if it starts one)."""
-        _, _, start = self._start(step)
-        self._position.fill_(start)
-
-    def _capture(self) -> None:
-        self._seat(self.step)
-        with self.pre.recording() if self.pre is not None else contextlib.nullcontext():
-            self._replay = self._record(self._graph_step)
-
-    @staticmethod
-    def _record(step) -> Callable[[], None]:
-        """Capture ``step`` as a CUDA graph (its Python runs once, now; its kernels on each replay)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph.replay
-
-    def _replay_step(self) -> None:
-        if self.step % self.steps_per_epoch == 0:
-            self._seat(self.step)  # a new epoch: reshuffled buffers, position back to the start
-        self._replay()
-        if self.pre is not None:
-            self.pre.replayed()
-        self.loss_count += 1
-        self.scheduler.step()
 
     def _log_train(self, samples_per_s: float) -> str | None:
         """Write a train row; returns why the run diverged, or None while it is healthy."""
@@ -325,19 +288,15 @@ class Trainer:
             if progress is not None:
                 progress(self)
         tick, samples = time.perf_counter(), 0
-        warmup = 0 if self.pre is None else max(0, self.pre.warmup - self.pre.steps)
-        capture_at = self.step + GRAPH_WARMUP_STEPS + warmup  # optimizer state, BNP statistics, warmup
+        if self.graph is not None:
+            self.graph.start()
         while self.step < self.total_steps:
-            if self._replay is not None:
-                self._replay_step()
-            else:
-                x, y = self.batch(self.step)
-                self.train_step(x, y)
+            self.train_step()
             self.step += 1
             samples += self.local_batch
-            if self.graphed and self._replay is None and self.step >= capture_at and self.step < self.total_steps:
-                self._capture()
-            at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
+            if self.graph is not None:
+                self.graph.after_step()
+            at_eval = self.at_eval(self.step)
             at_log = at_eval or self.step % cfg.log_every == 0  # every evaluation gets a fresh train row
             if at_log or at_eval or self._stop_signal is not None:
                 sync()
@@ -358,6 +317,10 @@ class Trainer:
                     raise Interrupted(f"by {name} at step {self.step}/{self.total_steps}, checkpoint saved")
                 tick, samples = time.perf_counter(), 0
         self.status = "completed"
+
+    def at_eval(self, step: int) -> bool:
+        """Whether ``step`` ends with an evaluation (and a checkpoint)."""
+        return step % self.eval_every == 0 or step == self.total_steps
 
     def log_has_start(self) -> bool:
         return self.log.offset() > 0

@@ -30,7 +30,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bnp import BNP, distributed
-from bnp.config import ConfigError, NotApplicable, RunConfig, check_applicable, validate
+from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
+                        validate)
 from bnp.data import DataError, load
 from bnp.log import RunLog, read_json, write_json
 from bnp.loop import CheckpointError, Interrupted, Trainer, plan
@@ -64,34 +65,6 @@ def git_commit() -> str | None:
     return None
 
 
-def resolve_device(cfg: RunConfig) -> torch.device:
-    wanted = cfg.train.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was asked for, but torch sees no CUDA device; use 'auto' or 'cpu'")
-    device = torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else wanted.replace("auto", "cpu"))
-    if cfg.train.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
-    return device
-
-
-def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1) -> None:
-    """What a captured training step cannot do, as config errors."""
-    def refuse(reason: str) -> None:
-        raise ConfigError(f"train.cuda_graph: {reason}; or set train.cuda_graph=false")
-
-    if device.type != "cuda":
-        refuse(f"needs a CUDA device (train.device resolved to {device.type!r})")
-    if cfg.train.precision == "fp16":
-        refuse("not with train.precision='fp16' (its gradient scaler reads the host); use 'bf16' or 'fp32'")
-    if cfg.data.augment or (cfg.data.augment is None and cfg.data.name.startswith("cifar")):
-        refuse("not with data augmentation (data.augment, on by default for CIFAR); set data.augment=false")
-    if world > 1:
-        refuse(f"not with several processes ({world}); one process per GPU has no graph mode yet")
-    if cfg.optim.name == "sgd" and cfg.optim.schedule != "constant":
-        refuse(f"optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant' "
-               f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")
-
-
 class RunLocked(RuntimeError):
     """Another process holds the run directory."""
 
@@ -115,8 +88,10 @@ def one_line(err: BaseException) -> str:
     return text if own else f"{type(err).__name__}: {text}"
 
 
-def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None) -> dict:
-    """Validate ``cfg``, train, and write the run directory; returns the summary."""
+def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None, capture=None) -> dict:
+    """Validate ``cfg``, train, and write the run directory; returns the summary. ``progress(trainer)``
+    is called at every log point and evaluation; ``capture`` replaces the CUDA-graph capture of
+    train.cuda_graph (bnp.graph.capture_cuda_graph), e.g. by a stand-in on CPU."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
@@ -132,9 +107,6 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
             print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
             return previous
     rank, world = distributed.setup()
-    if config.train.batch_size % world:
-        raise ConfigError(f"train.batch_size: the global batch {config.train.batch_size} must be divisible by "
-                          f"the number of processes ({world})")
     with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
         if config.train.rerun and rank == 0:
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
@@ -157,22 +129,22 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
                 write_json(summary_path, summary)
             print(f"[bnp] {run_dir}: not applicable: {err}")
             return summary
-        return _train(config, resolved, run_dir, base, progress, rank, world)
+        return _train(config, resolved, run_dir, base, progress, capture, rank, world)
 
 
-def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, rank: int, world: int) -> dict:
+def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, capture, rank: int,
+           world: int) -> dict:
     summary = {**base, "status": "failed", "processes": world}
     log = None
     try:
         torch.set_flush_denormal(True)  # denormal floats (underflowing values) are 100x slower on CPUs
         device = distributed.local_device(resolve_device(config))
         summary["device"] = str(device)
-        if config.train.cuda_graph:
-            check_cuda_graph(config, device, world)
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
         data = load(config.data, device)
+        check_runnable(config, device, world, train_samples=len(data.train_x), real_capture=capture is None)
         model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
         pre = None
         if config.norm.kind == "bnp":
@@ -182,15 +154,13 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
                           skip=tuple(n.skip), fast=n.fast)
             except ValueError as err:  # e.g. a skip pattern that matches no layer
                 raise ConfigError(f"norm: {err}") from None
-        try:
-            steps_per_epoch, total = plan(len(data.train_x), config.train)
-        except ValueError as err:  # a batch larger than the training set: a config error
-            raise ConfigError(str(err)) from None
+        steps_per_epoch, total = plan(len(data.train_x), config.train)
         optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch,
                                                graph_device=device if config.train.cuda_graph else None)
         log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
         trainer = Trainer(model, data, optimizer, scheduler, pre, config.train, device, log,
-                          run_dir / "checkpoint.pt", precision=config.train.precision, rank=rank, world=world)
+                          run_dir / "checkpoint.pt", precision=config.train.precision, rank=rank, world=world,
+                          capture=capture)
         if trainer.resume() and rank == 0:
             print(f"[bnp] {run_dir}: resuming at step {trainer.step}/{trainer.total_steps}")
         summary.update(trainer.run(progress=progress or (_printer(run_dir) if rank == 0 else None)))
@@ -214,7 +184,7 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
 def _printer(run_dir: Path):
     """Progress lines at evaluation points (long runs show where they are)."""
     def show(trainer: Trainer) -> None:
-        if trainer.step % trainer.eval_every == 0 or trainer.step == trainer.total_steps:
+        if trainer.at_eval(trainer.step):
             loss = "n/a" if trainer.last_train_loss is None else f"{trainer.last_train_loss:.4g}"
             print(f"[bnp] {run_dir.name}: step {trainer.step}/{trainer.total_steps} train_loss {loss} "
                   f"val_acc {trainer.last_eval.get('val_acc', float('nan')):.4f} "

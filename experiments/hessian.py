@@ -36,7 +36,7 @@ def analyse(path: Path, eps: float):
     done = {json.loads(line)["step"] for line in path.read_text().splitlines()} if path.exists() else set()
 
     def callback(trainer) -> None:
-        if trainer.step % trainer.eval_every and trainer.step != trainer.total_steps or trainer.step in done:
+        if not trainer.at_eval(trainer.step) or trainer.step in done:
             return
         x, y = trainer.data.val_x[:512], trainer.data.val_y[:512]
         rows = []

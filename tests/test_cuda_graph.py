@@ -7,41 +7,41 @@ refilled in place, the counters kept by the host, evaluation, logging and checkp
 The CUDA test at the end runs the real capture where a GPU is present.
 """
 
+import contextlib
+
 import pytest
 import torch
 
-import bnp.train
-from bnp.config import ConfigError, validate
+from bnp.config import ConfigError, check_cuda_graph, validate
 from bnp.log import read_metrics
-from bnp.loop import Trainer
-from bnp.train import check_cuda_graph, run
+from bnp.train import run
 from conftest import TINY
 
 RUN = [*TINY, "model=mlp", "model.depth=2", "model.width=16", "train.steps=30", "train.eval_every=10",
        "train.log_every=5", "optim.lr=0.01"]
 
 
-def replay_eagerly(step):
-    pre = step.__self__.pre
+class StandIn:
+    """A capture for CPU: the replay runs the captured step's kernels eagerly and, like a real
+    replay, none of its host-side bookkeeping. Records the step at which each capture happened."""
 
-    def replay():
-        if pre is None:
-            step()
-            return
-        with pre.recording():  # a replay runs kernels only: BNP's Python-side counts stay put
-            step()
+    def __init__(self):
+        self.captured_at = []
 
-    return replay
+    def __call__(self, step):
+        trainer = step.__self__.trainer
+        self.captured_at.append(trainer.step)
+
+        def replay():
+            with trainer.pre.recording() if trainer.pre is not None else contextlib.nullcontext():
+                step()  # a replay runs kernels only: BNP's Python-side counts stay put
+
+        return replay
 
 
 @pytest.fixture
-def cpu_graphs(monkeypatch):
-    monkeypatch.setattr(bnp.train, "check_cuda_graph", lambda cfg, device, world: None)
-    monkeypatch.setattr(Trainer, "_record", staticmethod(replay_eagerly))
-    captures = []
-    original = Trainer._capture
-    monkeypatch.setattr(Trainer, "_capture", lambda self: captures.append(self.step) or original(self))
-    return captures
+def cpu_graphs():
+    return StandIn()
 
 
 @pytest.mark.parametrize("overrides", [
@@ -53,10 +53,10 @@ def cpu_graphs(monkeypatch):
 ])  # Adam's capturable step runs on GPUs only: see the CUDA test
 def test_graph_mode_trains_exactly_like_eager_steps(compose, tmp_path, cpu_graphs, overrides):
     eager = run(compose(*RUN, *overrides), tmp_path / "eager")
-    graphed = run(compose(*RUN, *overrides, "train.cuda_graph=true"), tmp_path / "graph")
+    graphed = run(compose(*RUN, *overrides, "train.cuda_graph=true"), tmp_path / "graph", capture=cpu_graphs)
     assert graphed["status"] == eager["status"] == "completed"
     warmup = 5 if "norm.warmup=5" in overrides else 0
-    assert cpu_graphs == [3 + warmup]  # captured once, after the eager start
+    assert cpu_graphs.captured_at == [3 + warmup]  # captured once, after the eager start
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "graph" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "eager" / "metrics.jsonl"))
     states = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("eager", "graph")]
@@ -74,7 +74,8 @@ def test_graph_mode_trains_exactly_like_eager_steps(compose, tmp_path, cpu_graph
 def test_epochs_are_reshuffled_under_replays(compose, tmp_path, cpu_graphs):
     """30 steps of batch 4 over a 40-sample training set: three epochs, each in its own order."""
     run(compose(*RUN, "train.batch_size=4", "norm=bnp"), tmp_path / "eager")
-    run(compose(*RUN, "train.batch_size=4", "norm=bnp", "train.cuda_graph=true"), tmp_path / "graph")
+    run(compose(*RUN, "train.batch_size=4", "norm=bnp", "train.cuda_graph=true"), tmp_path / "graph",
+        capture=cpu_graphs)
     rows = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("eager", "graph")]
     assert [r.get("train_loss") for r in rows[0]] == [r.get("train_loss") for r in rows[1]]
 
@@ -115,15 +116,15 @@ def test_interrupted_graph_run_resumes_to_the_uninterrupted_metrics(compose, tmp
     """Stopped at step 20 (a checkpoint), the rerun starts eager again, captures anew, and ends
     exactly where an uninterrupted run ends."""
     overrides = [*RUN, "norm=bnp", "train.batch_size=2", "train.cuda_graph=true"]
-    run(compose(*overrides), tmp_path / "whole")
+    run(compose(*overrides), tmp_path / "whole", capture=cpu_graphs)
 
     def stop_at_20(trainer):
         if trainer.step == 20:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(compose(*overrides), tmp_path / "split", progress=stop_at_20)
-    resumed = run(compose(*overrides), tmp_path / "split")
-    assert resumed["status"] == "completed" and cpu_graphs == [3, 3, 23]
+        run(compose(*overrides), tmp_path / "split", progress=stop_at_20, capture=cpu_graphs)
+    resumed = run(compose(*overrides), tmp_path / "split", capture=cpu_graphs)
+    assert resumed["status"] == "completed" and cpu_graphs.captured_at == [3, 3, 23]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "split" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))

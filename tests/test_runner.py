@@ -311,3 +311,16 @@ def test_wandb_offline_run_files_contain_the_metrics_and_a_resume_continues_the_
         for key, value in row.items():
             if key != "step":
                 assert history[row["step"]][key] == pytest.approx(value), (row["step"], key)
+
+
+def test_the_composed_yaml_defaults_equal_the_schema(compose, monkeypatch):
+    """configs/ repeats the defaults of bnp/config.py (so that the YAML files document them): they
+    must say the same."""
+    from omegaconf import OmegaConf
+
+    from bnp.config import RunConfig
+
+    monkeypatch.delenv("BNP_DATA", raising=False)
+    composed = OmegaConf.to_container(compose(), resolve=True)
+    schema = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+    assert composed == schema

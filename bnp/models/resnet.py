@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from bnp.models.norm import make_norm
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
+ARCHS = (*CIFAR_DEPTHS, "resnet18")  # model.arch
 
 
 def _normalized(norm: str) -> bool:
