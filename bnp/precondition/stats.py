@@ -180,7 +180,7 @@ class RunningStats:
         self._recurrences(layer.mean, layer.var, [row], self.alpha(row[0].shape[0]), layer.batches == 0)
         layer.batches += 1
 
-    def _one_pass(self, x: torch.Tensor) -> bool:
+    def _moments_in_one_pass(self, x: torch.Tensor) -> bool:
         """Batch moments in one pass (torch.var_mean, Welford) on GPUs by default; on CPU two plain
         passes (mean, then squared deviation) were 10-15x faster."""
         return x.is_cuda if self.moments == "auto" else self.moments == "one_pass"
@@ -196,7 +196,7 @@ class RunningStats:
         a - mu of every row if ``keep``. Two plain passes (mean, then the deviations), or one pass
         per input (torch.var_mean, Welford) with mean_B((a - mu)^2) = var_B + (m_B - mu)^2.
         """
-        one_pass = self._one_pass(rows[0][0])
+        one_pass = self._moments_in_one_pass(rows[0][0])
         if one_pass:
             moments = [torch.var_mean(x, dims, correction=0) for x, dims in rows]
             batch_mean = _joined([m for _, m in moments])
