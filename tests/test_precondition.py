@@ -1,6 +1,7 @@
 """Exact properties of the BNP preconditioner (docs/bnp-method.md)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -549,3 +550,31 @@ def test_auto_momentum_is_min_of_bn_default_and_batch_over_100(batch, alpha):
     torch.testing.assert_close(pre.stats("").mean.double(), mu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pre.stats("").var.double(), var, rtol=1e-5, atol=1e-6)
     assert "momentum=auto" in repr(pre)
+
+
+def test_parameters_left_to_the_optimizer_are_listed_and_warned_about():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn = nn.Embedding(10, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+            self.ln, self.fc, self.out = nn.LayerNorm(8), nn.Linear(8, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.out(self.fc(self.ln(self.attn(h, h, h)[0])))
+
+    with pytest.warns(UserWarning) as caught:
+        pre = BNP(Net(), skip="out")
+    (warning,) = caught
+    text = str(warning.message)
+    assert text.startswith("BNP leaves these weights to the plain optimizer: emb: Embedding (weight); "
+                           "attn: MultiheadAttention (in_proj_weight, in_proj_bias); attn.out_proj:")
+    assert "nn.MultiheadAttention is not supported" in text
+    assert "ln:" not in text and "out:" not in text  # vectors, and a layer skipped on purpose
+    assert pre.names == ["fc"]  # not attn.out_proj: MultiheadAttention never calls its forward
+    listing = repr(pre).split("left to the optimizer (5 modules):")[1]
+    for line in ("emb: Embedding (weight)", "ln: LayerNorm (weight, bias)", "out: Linear (weight, bias)"):
+        assert line in listing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model BNP covers entirely: no warning, nothing listed
+        assert "left to the optimizer" not in repr(BNP(mlp()))

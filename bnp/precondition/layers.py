@@ -23,7 +23,11 @@ class GradState(enum.Enum):
 
 
 def candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Leaf Linear / Conv{1,2,3}d modules with a trainable weight, by qualified name."""
+    """Leaf Linear / Conv{1,2,3}d modules with a trainable weight, by qualified name. Not the
+    out_proj of an nn.MultiheadAttention: it uses that Linear's weight without calling its forward,
+    so the layer would never see an input."""
+    inside_attention = {f"{name}.out_proj" if name else "out_proj" for name, module in model.named_modules()
+                        if isinstance(module, nn.MultiheadAttention)}
     return {
         name: module
         for name, module in model.named_modules()
@@ -31,6 +35,7 @@ def candidates(model: nn.Module) -> dict[str, nn.Module]:
         and not any(True for _ in module.children())
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and module.weight.requires_grad
+        and name not in inside_attention
     }
 
 
@@ -57,6 +62,19 @@ def discover(model: nn.Module, skip: tuple[str, ...]) -> list[Layer]:
         raise ValueError("BNP: nothing to precondition: the model has no Linear/Conv1d/2d/3d layer with a "
                          f"trainable weight left after skip={list(skip)}")
     return layers
+
+
+def untracked(model: nn.Module, layers: list[Layer]) -> dict[str, tuple[str, list[str]]]:
+    """Trainable parameters BNP leaves to the optimizer, by owning module:
+    {module name: (class name, [parameter names])}."""
+    mine = {id(p) for layer in layers for p in (layer.weight, layer.trained_bias) if p is not None}
+    owners = dict(model.named_modules())
+    found: dict[str, tuple[str, list[str]]] = {}
+    for full, param in model.named_parameters():
+        if param.requires_grad and id(param) not in mine:
+            module, _, name = full.rpartition(".")
+            found.setdefault(module, (type(owners[module]).__name__, []))[1].append(name)
+    return found
 
 
 def skip_patterns(skip: str | Iterable[str]) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
-from bnp.precondition.layers import GradState, Layer, discover, skip_patterns
+from bnp.precondition.layers import GradState, Layer, discover, matches, skip_patterns, untracked
 from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
 
 
@@ -50,6 +51,28 @@ def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], 
             raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
     if moments not in MOMENTS:
         raise ValueError(f"BNP: moments must be one of {list(MOMENTS)}, got {moments!r}")
+
+
+_MHA_NOTE = (" (nn.MultiheadAttention is not supported: its packed in_proj_weight has query, key and value "
+             "rows that see different inputs, and it uses out_proj's weight without calling out_proj)")
+
+
+def _listing(modules: dict[str, tuple[str, list[str]]]) -> str:
+    return "; ".join(f"{name or '(the model)'}: {kind} ({', '.join(params)})" for name, (kind, params) in modules.items())
+
+
+def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], skip: tuple[str, ...]) -> None:
+    """Warn once about weight matrices left to the plain optimizer that were not skipped on purpose
+    (embeddings, attention projections, custom modules), so nobody believes they are preconditioned."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    unexpected = {
+        name: (kind, names) for name, (kind, names) in left.items()
+        if any(params[f"{name}.{p}" if name else p].dim() >= 2 for p in names)
+        and not any(matches(pattern, name, modules[name]) for pattern in skip)
+    }
+    if unexpected:
+        note = _MHA_NOTE if any(kind == "MultiheadAttention" for kind, _ in unexpected.values()) else ""
+        warnings.warn(f"BNP leaves these weights to the plain optimizer: {_listing(unexpected)}{note}", stacklevel=3)
 
 
 class CollectInput:
@@ -124,6 +147,8 @@ class BNP:
         self.skip = skip_patterns(skip)
         self.steps = 0  # step() calls that had statistics and new gradients (what warmup counts)
         self._layers = discover(model, self.skip)
+        self.untracked = untracked(model, self._layers)
+        _warn_untracked(model, self.untracked, self.skip)
         self.running = RunningStats(self._layers, momentum=self.momentum, eps=self.eps, center=center, scale=scale,
                                     sync=sync, moments=moments, prepare_a_hat=fast)
         for layer in self._layers:
@@ -225,4 +250,7 @@ class BNP:
             f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}, fast={self.fast}"
         )
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
-        return f"BNP({options}, layers={len(self._layers)}):{layers}"
+        left = "".join(f"\n  {name or '(the model)'}: {kind} ({', '.join(params)})"
+                       for name, (kind, params) in self.untracked.items())
+        left = f"\nleft to the optimizer ({len(self.untracked)} modules):{left}" if left else ""
+        return f"BNP({options}, layers={len(self._layers)}):{layers}{left}"
