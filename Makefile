@@ -16,10 +16,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e '.[experiments,dev]'
 	touch $@
 
-setup: $(STAMP) ## create .venv and install bnp (editable) with dev extras; instant when nothing changed
+setup: $(STAMP) ## create .venv and install bnp (editable) with the experiments and dev extras; instant when nothing changed
 
 test: setup ## run the fast test suite
 	$(PY) -m pytest -q -m "not slow"

@@ -1,0 +1,102 @@
+"""Where a run's metrics go: ``metrics.jsonl`` in the run directory (always; the source of truth
+for reports) and Weights & Biases (offline by default, so no account or network is needed;
+``wandb sync <run_dir>/wandb/offline-run-*`` uploads later)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from bnp.config import LoggerConfig
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write atomically (temporary file, then rename), so a killed process never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl (a torn last line from a killed run is ignored)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _finite_or_none(row: dict) -> dict:
+    # JSON has no NaN/inf: store them as null plus a string, readable by any JSON parser
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory: made once, kept in ``wandb/run_id`` (train.rerun=true
+    removes the folder, and with it the id)."""
+    path = Path(run_dir) / "wandb" / "run_id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(4) + "\n")
+    return path.read_text().strip()
+
+
+class RunLog:
+    """Appends metric rows to ``metrics.jsonl`` and mirrors them to W&B."""
+
+    def __init__(self, run_dir: Path, config: dict, logger: LoggerConfig, run_name: str):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        self.wandb_run = None
+        if logger.wandb != "disabled":
+            os.environ["WANDB_MODE"] = logger.wandb  # the mode must be chosen before wandb starts
+            if logger.wandb == "offline":
+                os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # no network lookups at all
+            os.environ.setdefault("WANDB_SILENT", "true")
+            os.environ.setdefault("WANDB_INIT_TIMEOUT", "300")  # many parallel starts in a sweep
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=logger.project, group=logger.group, tags=list(logger.tags), config=config,
+                name=run_name, dir=str(run_dir), mode=logger.wandb, reinit="finish_previous",
+                id=wandb_run_id(run_dir), resume="allow",  # a resumed run continues the same W&B run
+            )
+
+    def offset(self) -> int:
+        self.file.flush()
+        return self.file.tell()
+
+    def truncate(self, offset: int) -> None:
+        """Drop rows written after ``offset`` (resume from a checkpoint taken there)."""
+        self.file.flush()
+        self.file.truncate(offset)
+        self.file.seek(offset)
+
+    def log(self, row: dict) -> None:
+        self.file.write(json.dumps(_finite_or_none(row)) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self, summary: dict | None) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            if summary:
+                self.wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb_run.finish(exit_code=0 if summary and summary.get("status") != "failed" else 1)
+            self.wandb_run = None

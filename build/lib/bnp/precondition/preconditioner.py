@@ -1,0 +1,256 @@
+"""BNP: Batch Normalization Preconditioning of layer gradients (the package's facade).
+
+For every tracked dense / convolutional layer ``h = W a + b`` the preconditioner keeps running
+statistics (mean ``mu``, variance ``sigma2``) of the layer's *inputs* and, before the optimizer
+step, replaces the gradients ``(G, g) = (dL/dW, dL/db)`` by
+
+    G_tilde = (G - g mu^T) / (sigma2 + eps)
+    g_tilde = g - G_tilde mu
+
+which is exactly the gradient step the layer would take if its inputs were centered and scaled
+(Lange, Helfrich & Ye, JMLR 2022; see docs/bnp-method.md). Convolutions use one mean / variance per
+input channel, pooled over batch and space, repeated over the kernel window.
+
+Usage::
+
+    pre = BNP(model)
+    loss.backward(); pre.step(); optimizer.step()
+
+The pieces: ``layers`` (what is tracked), ``stats`` (running statistics, the fold, derived values),
+``sync`` (torch.distributed), ``reference`` (the rule on .grad after backward), ``fast`` (the rule
+inside a Linear's backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnp.precondition import reference
+from bnp.precondition.fast import FastForward
+from bnp.precondition.layers import GradState, Layer, discover, matches, skip_patterns, untracked
+from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
+
+
+def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any) -> None:
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 < momentum <= 1):
+        raise ValueError(f"BNP: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"BNP: eps must be a finite number > 0, got {eps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"BNP: warmup must be an integer >= 0 (steps), got {warmup!r}")
+    for label, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
+    if moments not in MOMENTS:
+        raise ValueError(f"BNP: moments must be one of {list(MOMENTS)}, got {moments!r}")
+
+
+_MHA_NOTE = (" (nn.MultiheadAttention is not supported: its packed in_proj_weight has query, key and value "
+             "rows that see different inputs, and it uses out_proj's weight without calling out_proj)")
+
+
+def _listing(modules: dict[str, tuple[str, list[str]]]) -> str:
+    return "; ".join(f"{name or '(the model)'}: {kind} ({', '.join(params)})" for name, (kind, params) in modules.items())
+
+
+def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], skip: tuple[str, ...]) -> None:
+    """Warn once about weight matrices left to the plain optimizer that were not skipped on purpose
+    (embeddings, attention projections, custom modules), so nobody believes they are preconditioned."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    unexpected = {
+        name: (kind, names) for name, (kind, names) in left.items()
+        if any(params[f"{name}.{p}" if name else p].dim() >= 2 for p in names)
+        and not any(matches(pattern, name, modules[name]) for pattern in skip)
+    }
+    if unexpected:
+        note = _MHA_NOTE if any(kind == "MultiheadAttention" for kind, _ in unexpected.values()) else ""
+        warnings.warn(f"BNP leaves these weights to the plain optimizer: {_listing(unexpected)}{note}", stacklevel=3)
+
+
+class CollectInput:
+    """Forward pre-hook of a tracked layer on the reference path. An object bound to
+    (preconditioner, layer), so a deep copy of the model collects into its own copy."""
+
+    def __init__(self, pre: BNP, layer: Layer):
+        self.pre, self.layer = pre, layer
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if module.training and args:
+            self.pre.running.collect(self.layer, args[0].detach())  # detached: no autograd graph
+
+
+class BNP:
+    """Batch Normalization Preconditioner for every Linear / Conv layer of ``model``.
+
+    Args (keyword-only):
+        momentum: weight of the new batch in the running statistics (PyTorch BatchNorm
+            convention), in (0, 1]; None (default) picks min(0.1, batch size / 100) for each
+            batch: BatchNorm's 0.1 from batch size 10 up, and a window of about 100 samples
+            below, which small batches and online learning need to keep the statistics stable.
+        eps: variance floor added to the running variance before dividing; > 0.
+        warmup: number of ``step()`` calls that leave gradients unchanged while statistics
+            accumulate (useful at batch size 1, where the first variance is 0).
+        center: subtract the running mean (needs a bias to absorb it; bias-free layers only scale).
+        scale: divide by the running variance + eps.
+        skip: module-name or class-name patterns (``fnmatch`` globs) of layers to leave alone,
+            e.g. ``("fc_out",)`` or ``("head.*", "Conv1d")``. Each pattern must match a layer.
+        sync: under ``torch.distributed`` (world size > 1), pool each step's input statistics
+            over all ranks with one all-reduce, so every replica applies the same
+            preconditioner. Turning it off lets replicas drift apart (for ablations only).
+        fast: compute the preconditioned gradients of Linear layers inside backward, from the
+            layer inputs, instead of rewriting ``.grad`` afterwards (about 3x less memory traffic
+            per step, the bulk of BNP's cost at small batch sizes). Same numbers to float
+            rounding. It assumes a tracked Linear's weight gradient comes only from that layer's
+            own forward passes: keep weight penalties in the optimizer (``weight_decay``), not in
+            the loss, and do not tie tracked weights to other modules. A layer run twice before
+            ``step()`` (gradient accumulation, shared layers) falls back to the reference path for
+            that step, exactly; so does training under ``torch.distributed`` (world size > 1).
+        moments: how batch moments are computed: "auto" (default: one pass, torch.var_mean, on
+            CUDA; two plain passes, mean then squared deviation, on CPU, where they were 10-15x
+            faster), "one_pass" or "two_pass". The results agree to float rounding.
+
+    Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
+    model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it
+    after ``backward()`` (after ``scaler.unscale_(optimizer)`` with AMP), before ``optimizer.step()``.
+    The step has no host syncs, so a whole training step can be captured as a CUDA graph: capture
+    inside ``with pre.recording():`` and call ``pre.replayed()`` after each replay.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        momentum: float | None = None,
+        eps: float = 1e-2,
+        warmup: int = 0,
+        center: bool = True,
+        scale: bool = True,
+        skip: str | Iterable[str] = (),
+        sync: bool = True,
+        fast: bool = False,
+        moments: str = "auto",
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_options(momentum, eps, warmup, dict(center=center, scale=scale, sync=sync, fast=fast), moments)
+        self.momentum = None if momentum is None else float(momentum)
+        self.eps = float(eps)
+        self.warmup, self.center, self.scale, self.sync, self.fast = warmup, center, scale, sync, fast
+        self.skip = skip_patterns(skip)
+        self.steps = 0  # step() calls that had statistics and new gradients (what warmup counts)
+        self._layers = discover(model, self.skip)
+        self.untracked = untracked(model, self._layers)
+        _warn_untracked(model, self.untracked, self.skip)
+        self.running = RunningStats(self._layers, momentum=self.momentum, eps=self.eps, center=center, scale=scale,
+                                    sync=sync, moments=moments, prepare_a_hat=fast)
+        for layer in self._layers:
+            if fast and layer.dense:
+                layer.fast = True
+                layer.module.forward = FastForward(self, layer)  # collects inputs itself
+            else:
+                layer.handle = layer.module.register_forward_pre_hook(CollectInput(self, layer))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient.
+
+        Call it once per backward. A gradient that step() already preconditioned and that nothing
+        has changed since is never preconditioned again; if no tracked layer has a new gradient,
+        step() raises. Only calls with new gradients and statistics count towards ``warmup``
+        (before the first training forward there are no statistics: gradients stay as they are)."""
+        self.running.fold()
+        with_grads = [layer for layer in self._layers if layer.weight.grad is not None]
+        fresh = [layer for layer in with_grads if layer.has_new_grad()]
+        if with_grads and not fresh:
+            raise RuntimeError(
+                "BNP.step(): the gradients have not changed since the last step() preconditioned them; "
+                "call step() once per backward: forward, loss.backward(), pre.step(), optimizer.step()"
+            )
+        if fresh and any(layer.batches for layer in self._layers):  # else nothing to precondition with yet
+            self.steps += 1
+        if self.steps > self.warmup:
+            raw = [layer for layer in fresh if layer.batches and layer.preconditions_in_step]
+            if raw:
+                reference.precondition(raw, self.running)
+        for layer in fresh:
+            layer.mark_grad()
+        for layer in self._layers:
+            layer.state = GradState.FRESH
+        self.running.release()  # this step's temporaries; the statistics stay
+
+    # ------------------------------------------------------------------ CUDA graphs
+    # A captured step records its kernels while its Python runs once; a replay runs the kernels only.
+    # BNP's host-side counters (steps, batches per layer) must follow the replays, not the capture.
+    @contextlib.contextmanager
+    def recording(self):
+        """Leave the host-side counters as they were: wrap the capture of a step in this."""
+        saved = self.steps, [layer.batches for layer in self._layers]
+        try:
+            yield
+        finally:
+            self.steps = saved[0]
+            for layer, batches in zip(self._layers, saved[1]):
+                layer.batches = batches
+
+    def replayed(self, steps: int = 1) -> None:
+        """Count ``steps`` replays of a captured step (each one forward per layer and one step())."""
+        self.steps += steps
+        self.running.count_replays(steps)
+
+    # ------------------------------------------------------------------ introspection & state
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the tracked layers, in model order."""
+        return [layer.name for layer in self._layers]
+
+    def layer(self, name: str) -> Layer:
+        """The tracked layer ``name`` (its module, shapes, ``fast`` and this step's gradient ``state``)."""
+        for layer in self._layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"BNP: no tracked layer named {name!r}; tracked: {self.names}")
+
+    def stats(self, name: str) -> LayerStats:
+        """Current running mean and variance of the inputs of layer ``name`` (copies)."""
+        return self.running.of(self.layer(name))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "layers": self.running.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layers = state["layers"]
+        missing = sorted(set(self.names) - set(layers))
+        unexpected = sorted(set(layers) - set(self.names))
+        if missing or unexpected:
+            raise KeyError(f"BNP.load_state_dict: missing layers {missing}, unexpected layers {unexpected}")
+        self.running.load_state_dict(layers)
+        self.steps = int(state["steps"])
+
+    def remove(self) -> None:
+        """Detach the forward hooks; the model is left exactly as it was."""
+        self.running.fold()
+        for layer in self._layers:
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+            if layer.fast and "forward" in vars(layer.module):
+                del layer.module.forward  # back to the class's forward
+
+    def __repr__(self) -> str:
+        options = (
+            f"momentum={'auto' if self.momentum is None else self.momentum}, eps={self.eps}, warmup={self.warmup}, "
+            f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}, fast={self.fast}"
+        )
+        layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
+        left = "".join(f"\n  {name or '(the model)'}: {kind} ({', '.join(params)})"
+                       for name, (kind, params) in self.untracked.items())
+        left = f"\nleft to the optimizer ({len(self.untracked)} modules):{left}" if left else ""
+        return f"BNP({options}, layers={len(self._layers)}):{layers}{left}"

@@ -1,0 +1,290 @@
+"""Sweep directory -> comparison tables and figures: ``python -m bnp.report SWEEP_DIR [--out DIR]``.
+
+Reads only the run directories' files (``config.yaml``, ``summary.json``, ``metrics.jsonl``),
+never the W&B API, so it works offline and on a laptop after a cluster sweep.
+
+The fair-comparison rule: within each setting (everything but the learning rate and the seed), the
+learning rate with the best mean validation accuracy over seeds wins; the table reports that
+learning rate's test metrics as mean +- std over seeds. Diverged, not-applicable and failed runs
+are counted in the status column, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bnp.log import read_json, read_metrics
+
+SETTING = ["data", "model", "norm", "batch_size", "optim"]
+NORM_ORDER = ["none", "bn", "bnp", "ln", "gn"]
+NORM_COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "bnp": "#d62728", "ln": "#2ca02c", "gn": "#9467bd"}
+NORM_LABELS = {"none": "no norm", "bn": "BatchNorm", "bnp": "BNP", "ln": "LayerNorm", "gn": "GroupNorm"}
+
+
+# ---------------------------------------------------------------------------------------- loading
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Every run directory below ``sweep_dir`` (any launcher layout): those with a summary or config."""
+    dirs = {p.parent for p in Path(sweep_dir).rglob("summary.json")} | {p.parent for p in Path(sweep_dir).rglob("config.yaml")
+                                                                          if (p.parent / "metrics.jsonl").exists()}
+    return sorted(d for d in dirs if "wandb" not in d.parts and ".hydra" not in d.parts)
+
+
+def _model_label(cfg: dict) -> str:
+    m = cfg["model"]
+    if m["name"] == "mlp":
+        return f"mlp {m['depth']}x{m['width']}"
+    if m["name"] == "cnn":
+        return "cnn " + "-".join(str(c) for c in m["channels"])
+    return m["arch"]
+
+
+def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+    """One row per run (setting, lr, seed, status and summary metrics), and its metric rows."""
+    rows, curves = [], {}
+    for run_dir in find_runs(sweep_dir):
+        config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
+        if not config_path.exists():
+            continue
+        cfg = yaml.safe_load(config_path.read_text())
+        summary = read_json(summary_path) if summary_path.exists() else {"status": "unfinished"}
+        row = {
+            "run": str(run_dir), "data": cfg["data"]["name"], "model": _model_label(cfg), "norm": cfg["norm"]["kind"],
+            "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
+            "seed": cfg["train"]["seed"], "status": summary.get("status", "unknown"),
+            "reason": summary.get("reason", ""),
+        }
+        for key in ("final_test_acc", "best_val_acc", "test_acc_at_best_val", "final_train_loss", "final_val_acc",
+                    "prequential_acc", "wall_time_s", "samples_per_s", "steps"):
+            value = summary.get(key)
+            row[key] = float(value) if isinstance(value, (int, float)) else math.nan
+        rows.append(row)
+        metrics = run_dir / "metrics.jsonl"
+        curves[str(run_dir)] = read_metrics(metrics) if metrics.exists() else []
+    return pd.DataFrame(rows), curves
+
+
+def steps_to_target(rows: list[dict], target: float) -> float:
+    """First evaluated step with validation accuracy >= target (NaN if never reached)."""
+    for row in rows:
+        if row.get("val_acc") is not None and row["val_acc"] >= target:
+            return float(row["step"])
+    return math.nan
+
+
+# ---------------------------------------------------------------------------------------- tables
+def _status_counts(statuses: pd.Series) -> str:
+    counts = statuses.value_counts()
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def _mean_std(values: pd.Series, digits: int = 4) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, the learning rate with the best mean validation accuracy (diverged counts as 0)."""
+    ok = runs[runs["status"].isin(["completed", "diverged"])].copy()
+    ok["val_for_choice"] = ok["best_val_acc"].where(ok["status"] == "completed", 0.0).fillna(0.0)
+    means = ok.groupby(SETTING + ["lr"], as_index=False)["val_for_choice"].mean()
+    best = means.sort_values(["val_for_choice", "lr"], ascending=[False, True]).groupby(SETTING, as_index=False).first()
+    return best[SETTING + ["lr"]]
+
+
+def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: float) -> pd.DataFrame:
+    """One row per setting at its chosen learning rate: mean ± std over seeds, and status counts."""
+    runs = runs.copy()
+    runs["steps_to_target"] = [steps_to_target(curves.get(r, []), target) for r in runs["run"]]
+    chosen = pick_learning_rates(runs)
+    out = []
+    for key, group in runs.groupby(SETTING, sort=False):
+        row = dict(zip(SETTING, key))
+        match = chosen.merge(pd.DataFrame([row]), on=SETTING)
+        row["status"] = _status_counts(group["status"])
+        if match.empty:  # nothing ran: not applicable, failed
+            row.update({"lr": "n/a", "seeds": 0})
+            out.append(row)
+            continue
+        lr = match["lr"].iloc[0]
+        best = group[(group["lr"] == lr) & (group["status"] == "completed")]
+        row.update({
+            "lr": lr, "seeds": len(best),
+            "test_acc": _mean_std(best["final_test_acc"]),
+            "best_val_acc": _mean_std(best["best_val_acc"]),
+            "train_loss": _mean_std(best["final_train_loss"]),
+            f"steps_to_{target:g}": _mean_std(best["steps_to_target"], 0),
+            "prequential_acc": _mean_std(best["prequential_acc"]),
+            "wall_s": _mean_std(best["wall_time_s"], 1),
+        })
+        out.append(row)
+    table = pd.DataFrame(out)
+    table["norm"] = pd.Categorical(table["norm"], [n for n in NORM_ORDER if n in set(table["norm"])])
+    return table.sort_values(["data", "model", "batch_size", "norm"]).reset_index(drop=True).fillna("n/a")
+
+
+# ---------------------------------------------------------------------------------------- figures
+def _chosen_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    chosen = pick_learning_rates(runs)
+    return runs.merge(chosen, on=SETTING + ["lr"])
+
+
+def _band(ax, frames: list[pd.DataFrame], x: str, y: str, norm: str) -> None:
+    """Mean over seeds with a min-max band, on the union of logged x values."""
+    series = [f.set_index(x)[y].dropna() for f in frames if y in f and not f[y].dropna().empty]
+    if not series:
+        return
+    joined = pd.concat(series, axis=1).sort_index().interpolate(limit_area="inside")
+    mean = joined.mean(axis=1)
+    ax.plot(mean.index, mean.values, color=NORM_COLORS.get(norm), label=NORM_LABELS.get(norm, norm))
+    if len(series) > 1:
+        ax.fill_between(mean.index, joined.min(axis=1), joined.max(axis=1), color=NORM_COLORS.get(norm), alpha=0.2)
+
+
+def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    chosen = _chosen_runs(runs[runs["status"] == "completed"])
+    if chosen.empty:
+        return written
+
+    def save(fig, name):
+        for ext in ("png", "pdf"):
+            path = out / f"{name}.{ext}"
+            fig.savefig(path, dpi=150, bbox_inches="tight")
+            written.append(path)
+        plt.close(fig)
+
+    # training curves: one column per (data, model, batch size), rows: train loss, test accuracy
+    panels = list(chosen.groupby(["data", "model", "batch_size"]))
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.5), squeeze=False)
+    for col, ((data, model, bs), group) in enumerate(panels):
+        for norm, runs_of_norm in sorted(group.groupby("norm"), key=lambda kv: NORM_ORDER.index(kv[0])):
+            frames = [pd.DataFrame(curves[r]) for r in runs_of_norm["run"]]
+            _band(axes[0, col], frames, "epoch", "train_loss", norm)
+            _band(axes[1, col], frames, "epoch", "test_acc", norm)
+        axes[0, col].set_title(f"{data}, {model}, batch {bs}")
+        axes[0, col].set_yscale("log")
+        axes[0, col].set_ylabel("train loss (log-interval mean)")
+        axes[0, col].legend(fontsize="small")
+        axes[1, col].set_ylabel("test accuracy")
+        for ax in axes[:, col]:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+    fig.suptitle("Training curves at each method's chosen learning rate (mean over seeds, band: min-max)")
+    save(fig, "curves")
+
+    # final test accuracy vs batch size
+    groups = list(chosen.groupby(["data", "model"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for col, ((data, model), group) in enumerate(groups):
+        ax = axes[0, col]
+        for norm, g in sorted(group.groupby("norm"), key=lambda kv: NORM_ORDER.index(kv[0])):
+            stats = g.groupby("batch_size")["final_test_acc"].agg(["mean", "std"]).reset_index()
+            ax.errorbar(stats["batch_size"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                        color=NORM_COLORS.get(norm), label=NORM_LABELS.get(norm, norm))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (log scale)")
+        ax.set_ylabel("final test accuracy")
+        ax.set_title(f"{data}, {model}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save(fig, "accuracy_vs_batch_size")
+
+    # prequential accuracy for online runs (batch size 1)
+    online = chosen[chosen["batch_size"] == 1]
+    if not online.empty:
+        groups = list(online.groupby(["data", "model"]))
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        for col, ((data, model), group) in enumerate(groups):
+            ax = axes[0, col]
+            for norm, g in sorted(group.groupby("norm"), key=lambda kv: NORM_ORDER.index(kv[0])):
+                frames = []
+                for r in g["run"]:
+                    f = pd.DataFrame(curves[r])
+                    if "prequential_acc" in f:
+                        f = f.dropna(subset=["prequential_acc"]).assign(samples=lambda d: d["step"])
+                        frames.append(f)
+                _band(ax, frames, "samples", "prequential_acc", norm)
+            ax.set_xlabel("samples seen (online, batch size 1)")
+            ax.set_ylabel("prequential accuracy (cumulative)")
+            ax.set_title(f"{data}, {model}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        save(fig, "prequential")
+    return written
+
+
+# ---------------------------------------------------------------------------------------- main
+def _provenance(argv: list[str], sweep_dir: Path, runs: pd.DataFrame) -> str:
+    """How the results were made: the sweep command (from Hydra's multirun.yaml), this command,
+    the commit, the machine and the summed training time."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    lines = []
+    multirun = Path(sweep_dir) / "multirun.yaml"
+    if multirun.exists():
+        task = yaml.safe_load(multirun.read_text()).get("hydra", {}).get("overrides", {}).get("task", [])
+        lines.append(f"sweep: `python -m bnp.train -m {' '.join(task)}`")
+    lines += [
+        f"report: `python -m bnp.report {' '.join(argv)}`",
+        f"runs: {len(runs)} ({_status_counts(runs['status'])}); training time summed over runs: "
+        f"{runs['wall_time_s'].sum():.0f} s",
+        f"commit: {commit}",
+        f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+        f"date: {time.strftime('%Y-%m-%d %H:%M')}",
+    ]
+    return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
+def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | None = None) -> pd.DataFrame:
+    runs, curves = load_runs(sweep_dir)
+    if runs.empty:
+        raise SystemExit(f"error: no run directories (config.yaml + summary.json) under {sweep_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(runs, curves, target)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(table.to_markdown(index=False) + "\n")
+    (out / "table.tex").write_text(table.to_latex(index=False, escape=True))
+    runs.to_csv(out / "runs.csv", index=False)
+    every = runs.assign(run=[Path(r).name for r in runs["run"]]).sort_values("run")
+    (out / "runs.md").write_text(every[["run", "status", "reason", "best_val_acc", "final_test_acc", "steps"]]
+                                 .to_markdown(index=False) + "\n")
+    make_figures(runs, curves, out)
+    (out / "PROVENANCE.md").write_text(_provenance(argv or [str(sweep_dir)], sweep_dir, runs))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bnp.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="where tables and figures go (default: SWEEP_DIR/report)")
+    parser.add_argument("--target", type=float, default=0.9, help="validation accuracy for steps-to-target")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"SWEEP_DIR {args.sweep_dir} is not a directory")
+    table = report(args.sweep_dir, args.out or args.sweep_dir / "report", args.target, argv)
+    print(table.to_markdown(index=False))
+    print(f"\nwritten to {args.out or args.sweep_dir / 'report'}")
+
+
+if __name__ == "__main__":
+    main()

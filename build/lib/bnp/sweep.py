@@ -1,0 +1,71 @@
+"""Run an experiment: one or more Hydra multirun sweeps into one sweep directory, then its report.
+
+An experiment file (``experiments/<name>.py``) lists its grids; a grid is a dict of override
+-> comma-separated values (Hydra sweep syntax). Several grids let the learning-rate grid depend on
+the batch size. Every grid runs as
+
+    python -m bnp.train -m experiment=<name> name=<name> launcher=<launcher> <key=values ...>
+
+so a rerun skips finished runs and resumes interrupted ones. ``smoke=True`` swaps in the
+experiment's smoke grids (offline data, a handful of steps) and writes to ``<name>_smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bnp.report import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
+             out_root: str) -> list[list[str]]:
+    """One multirun per grid. An override of a grid key (e.g. ``norm=none,bnp``) replaces that
+    key's values in every grid instead of being passed twice."""
+    replaced = dict(o.split("=", 1) for o in fixed if "=" in o and any(o.split("=", 1)[0] in g for g in grids))
+    fixed = [o for o in fixed if o.split("=", 1)[0] not in replaced]
+    return [
+        [sys.executable, "-m", "bnp.train", "-m", f"experiment={name}", f"name={sweep_name}", f"launcher={launcher}",
+         f"out_root={out_root}", *fixed, *(f"{k}={replaced.get(k, v)}" for k, v in grid.items())]
+        for grid in grids
+    ]
+
+
+def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
+                   smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=f"experiment {name}: sweep + report")
+    parser.add_argument("--smoke", action="store_true", help="tiny offline variant (about a minute on CPU)")
+    parser.add_argument("--launcher", default=None, help="basic | local (default: local, smoke: basic)")
+    parser.add_argument("--out-root", default="outputs", help="sweeps go to OUT_ROOT/sweeps/NAME")
+    parser.add_argument("--results", default=None, help="report directory (default: results/NAME)")
+    parser.add_argument("--report-only", action="store_true", help="skip the sweep, redo the report")
+    parser.add_argument("--suffix", default="", help="variant name, e.g. mnist: sweep NAME_mnist")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
+                        "one of a grid's keys replaces its values, e.g. norm=none,bnp")
+    args = parser.parse_args(argv)
+    sweep_name = name + (f"_{args.suffix}" if args.suffix else "") + ("_smoke" if args.smoke else "")
+    launcher = args.launcher or ("basic" if args.smoke else "local")
+    if args.smoke:
+        grids, fixed = smoke_grids, [*fixed, *smoke_fixed]
+    cmds = commands(name, sweep_name, grids, [*fixed, *args.overrides], launcher, args.out_root)
+    sweep_dir = Path(args.out_root) / "sweeps" / sweep_name
+    started = time.time()
+    if not args.report_only:
+        for i, cmd in enumerate(cmds, 1):
+            print(f"[experiment {sweep_name}] sweep {i}/{len(cmds)}: {shlex.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+    results = Path(args.results or (ROOT / "results" / sweep_name))
+    report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
+    with open(results / "PROVENANCE.md", "a") as f:
+        f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
+                f" ({len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)})\n")
+        if not args.report_only:
+            f.write(f"- wall time of this invocation: {time.time() - started:.0f} s\n")
+    print(f"[experiment {sweep_name}] report in {results}")
+    return results

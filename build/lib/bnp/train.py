@@ -1,0 +1,222 @@
+"""The runner: ``python -m bnp.train [overrides]`` (Hydra; configs in ``configs/``).
+
+    python -m bnp.train model=cnn norm=bnp data=fashion_mnist train.batch_size=1 optim.lr=0.01
+    python -m bnp.train -m norm=none,bn,bnp,ln train.batch_size=1,16,128     # a sweep
+
+Each run directory gets: ``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``,
+``checkpoint.pt`` and W&B offline files. The directory is named after the command-line overrides,
+so rerunning the same command resumes an interrupted run, skips a completed one (unless
+``train.rerun=true``), and different settings never share a directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from bnp import BNP, distributed
+from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
+                        validate)
+from bnp.data import DataError, load
+from bnp.log import RunLog, read_json, write_json
+from bnp.loop import CheckpointError, Interrupted, Trainer, plan
+from bnp.models import build_model
+from bnp.optim import build_optimizer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def slug(overrides: str) -> str:
+    """A directory name for a set of overrides: readable when short, else prefix + hash."""
+    text = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides) or "default"
+    if len(text) <= 180:
+        return text
+    return f"{text[:140]}-{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
+
+
+OmegaConf.register_new_resolver("bnp_slug", slug, replace=True)
+# The typed schema under configs/config.yaml: every key exists with its default (no `+key=` needed
+# for documented options) and Hydra type-checks overrides while composing.
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    return None
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One process per run directory (two identical sweep jobs would otherwise share files)."""
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{run_dir} is being trained by another process (it holds {run_dir / '.lock'}); "
+                            "wait for it, or stop it and run this command again to resume") from None
+        yield
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: the project's own errors speak for themselves, others get their type."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    own = isinstance(err, (ConfigError, DataError, CheckpointError, RunLocked, Interrupted))
+    return text if own else f"{type(err).__name__}: {text}"
+
+
+def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None, capture=None) -> dict:
+    """Validate ``cfg``, train, and write the run directory; returns the summary. ``progress(trainer)``
+    is called at every log point and evaluation; ``capture`` replaces the CUDA-graph capture of
+    train.cuda_graph (bnp.graph.capture_cuda_graph), e.g. by a stand-in on CPU."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = run_dir / "summary.json"
+    try:
+        config = validate(cfg)  # ConfigError before anything else happens
+    except ConfigError as err:  # recorded with the config as given, so reports count the failed run
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        write_json(summary_path, {"run_dir": str(run_dir), "status": "failed", "reason": one_line(err)})
+        raise
+    if summary_path.exists():
+        previous = read_json(summary_path)
+        if previous.get("status") in ("completed", "diverged", "not_applicable") and not config.train.rerun:
+            print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
+            return previous
+    rank, world = distributed.setup()
+    with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+        if config.train.rerun and rank == 0:
+            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 has cleaned up before anyone looks for a checkpoint
+        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+        if rank == 0:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        base = {"run_dir": str(run_dir), "name": config.name, "git_commit": git_commit(),
+                "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            check_applicable(config)
+        except NotApplicable as err:
+            if not in_sweep:
+                raise
+            summary = {**base, "status": "not_applicable", "reason": str(err)}
+            if rank == 0:
+                write_json(summary_path, summary)
+            print(f"[bnp] {run_dir}: not applicable: {err}")
+            return summary
+        return _train(config, resolved, run_dir, base, progress, capture, rank, world)
+
+
+def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, capture, rank: int,
+           world: int) -> dict:
+    summary = {**base, "status": "failed", "processes": world}
+    log = None
+    try:
+        torch.set_flush_denormal(True)  # denormal floats (underflowing values) are 100x slower on CPUs
+        device = distributed.local_device(resolve_device(config))
+        summary["device"] = str(device)
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)
+        data = load(config.data, device)
+        check_runnable(config, device, world, train_samples=len(data.train_x), real_capture=capture is None)
+        model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
+        pre = None
+        if config.norm.kind == "bnp":
+            n = config.norm
+            try:
+                pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
+                          skip=tuple(n.skip), fast=n.fast)
+            except ValueError as err:  # e.g. a skip pattern that matches no layer
+                raise ConfigError(f"norm: {err}") from None
+        steps_per_epoch, total = plan(len(data.train_x), config.train)
+        optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch,
+                                               graph_device=device if config.train.cuda_graph else None)
+        log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
+        trainer = Trainer(model, data, optimizer, scheduler, pre, config.train, device, log,
+                          run_dir / "checkpoint.pt", precision=config.train.precision, rank=rank, world=world,
+                          capture=capture)
+        if trainer.resume() and rank == 0:
+            print(f"[bnp] {run_dir}: resuming at step {trainer.step}/{trainer.total_steps}")
+        summary.update(trainer.run(progress=progress or (_printer(run_dir) if rank == 0 else None)))
+        summary["total_steps"] = trainer.total_steps
+        if summary["status"] == "diverged" and rank == 0:
+            print(f"[bnp] {run_dir.name}: DIVERGED at {summary['reason']}", flush=True)
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        raise
+    except Exception as err:
+        summary["reason"] = one_line(err)
+        raise
+    finally:
+        if summary["status"] != "interrupted" and rank == 0:
+            write_json(run_dir / "summary.json", summary)
+        if log is not None:
+            log.close(summary)
+    return summary
+
+
+def _printer(run_dir: Path):
+    """Progress lines at evaluation points (long runs show where they are)."""
+    def show(trainer: Trainer) -> None:
+        if trainer.at_eval(trainer.step):
+            loss = "n/a" if trainer.last_train_loss is None else f"{trainer.last_train_loss:.4g}"
+            print(f"[bnp] {run_dir.name}: step {trainer.step}/{trainer.total_steps} train_loss {loss} "
+                  f"val_acc {trainer.last_eval.get('val_acc', float('nan')):.4f} "
+                  f"({trainer.train_seconds:.1f}s)", flush=True)
+    return show
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="config")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        run(cfg, run_dir, in_sweep=in_sweep)
+    except KeyboardInterrupt as err:
+        where = str(err) if isinstance(err, Interrupted) else "before training started"
+        print(f"[bnp] {run_dir}: interrupted {where}; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if os.environ.get("BNP_TRACEBACK"):
+            raise
+        if in_sweep:  # recorded; the other runs go on
+            print(f"[bnp] {run_dir.name}: FAILED: {one_line(err)}", file=sys.stderr, flush=True)
+            return
+        print(f"error: {one_line(err)}\n(set BNP_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
+
+
+if __name__ == "__main__":
+    # Run the copy imported as `bnp.train`, not this `__main__` module: parallel launchers (joblib,
+    # submitit) pickle the task function, and functions of `__main__` are pickled by value, globals
+    # and all, which fails; importable ones are pickled by reference.
+    from bnp.train import main as importable_main
+
+    importable_main()
