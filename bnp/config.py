@@ -172,6 +172,7 @@ class TrainConfig:
     rerun: bool = False  # redo a run whose summary says completed (otherwise it is skipped)
     threads: Optional[int] = None  # torch CPU threads; null = torch's default (parallel sweeps set 1)
     cuda_graph: bool = False  # replay each training step as one CUDA graph (cuda; see README)
+    compile: bool = False  # torch.compile the model (BNP's fast Linear layers take the reference path)
     # diverged: a non-finite loss or parameter, or a logged train loss above diverge_factor x the
     # untrained model's validation loss (step 0); null turns the blow-up rule off
     diverge_factor: Optional[float] = 10.0
@@ -278,6 +279,9 @@ def check_runnable(cfg: RunConfig, device: torch.device, world: int = 1, train_s
                           f"({train_samples} samples)")
     if cfg.train.cuda_graph:
         check_cuda_graph(cfg, device, world, real_capture)
+        if cfg.train.compile:
+            raise ConfigError("train.compile: not with train.cuda_graph=true (choose one: the runner captures "
+                              "eager steps; torch.compile(mode='reduce-overhead') would capture graphs itself)")
 
 
 def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1, real_capture: bool = True) -> None:

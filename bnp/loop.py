@@ -81,6 +81,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.batch_size = cfg.batch_size  # global; each process takes batch_size / world of it
         self.local_batch = cfg.batch_size // world
         self.steps_per_epoch, self.total_steps = plan(len(data.train_x), cfg)

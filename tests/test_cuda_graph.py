@@ -128,3 +128,63 @@ def test_interrupted_graph_run_resumes_to_the_uninterrupted_metrics(compose, tmp
     assert resumed["status"] == "completed" and cpu_graphs.captured_at == [3, 3, 23]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "split" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_compiled_model_trains_like_the_eager_one(compose, tmp_path):
+    """train.compile=true: BNP's fast layers take the reference path under torch.compile (one
+    warning), and training matches eager to float32 rounding."""
+    overrides = [*RUN, "norm=bnp", "train.steps=20"]
+    eager = run(compose(*overrides), tmp_path / "eager")
+    with pytest.warns(UserWarning, match=r"BNP\(fast=True\) under torch.compile"):
+        compiled = run(compose(*overrides, "train.compile=true"), tmp_path / "compiled")
+    assert compiled["status"] == eager["status"] == "completed"
+    rows = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("eager", "compiled")]
+    for a, b in zip(*rows):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_fast_path_under_torch_compile_has_no_graph_breaks():
+    from torch import nn
+
+    from bnp import BNP
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    BNP(model, fast=True)
+    explained = torch._dynamo.explain(model)(torch.randn(4, 12))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_a_compiled_training_step_with_the_fast_path_equals_eager():
+    """forward, backward, pre.step() and the optimizer in one torch.compile'd function (step() itself
+    runs eagerly: torch.compiler.disable)."""
+    import copy
+
+    from torch import nn
+    from torch.nn import functional as F
+
+    from bnp import BNP
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 12) * 3 + 1, torch.randint(0, 3, (8,))
+    trained = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        pre, opt = BNP(model, fast=True), torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def step(inputs):
+            opt.zero_grad()
+            F.cross_entropy(model(inputs), y).backward()
+            pre.step()
+            opt.step()
+
+        run_step = torch.compile(step) if compiled else step
+        with pytest.warns(UserWarning, match="under torch.compile") if compiled else contextlib.nullcontext():
+            for i in range(5):
+                run_step(x + i)
+        trained.append(model)
+    for a, b in zip(*(m.parameters() for m in trained)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

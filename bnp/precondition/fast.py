@@ -54,6 +54,15 @@ class FastForward:
         pre, layer = self.pre, self.layer
         weight = layer.weight
         training, grad = layer.module.training, torch.is_grad_enabled() and weight.requires_grad
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace the Function's side effects (graph breaks): under torch.compile the
+            # layer takes the reference path, which compiles into one graph; step() says so once
+            pre.compiled_fallback = True
+            if grad:
+                layer.state = GradState.REFERENCE
+            if training:
+                pre.running.collect(layer, x.detach())
+            return F.linear(x, weight, layer.bias)
         if training and grad and layer.state is GradState.FRESH and not sync.is_distributed():
             layer.state = GradState.IN_FLIGHT
             pre.running.collect(layer, x.detach())

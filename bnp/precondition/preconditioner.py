@@ -146,6 +146,8 @@ class BNP:
         self.warmup, self.center, self.scale, self.sync, self.fast = warmup, center, scale, sync, fast
         self.skip = skip_patterns(skip)
         self.steps = 0  # step() calls that had statistics and new gradients (what warmup counts)
+        self.compiled_fallback = False  # fast layers ran under torch.compile (reference path instead)
+        self._told_fallback = False
         self._layers = discover(model, self.skip)
         self.untracked = untracked(model, self._layers)
         _warn_untracked(model, self.untracked, self.skip)
@@ -158,6 +160,7 @@ class BNP:
             else:
                 layer.handle = layer.module.register_forward_pre_hook(CollectInput(self, layer))
 
+    @torch.compiler.disable  # host-side counters and grad versions: never traced, run as written
     @torch.no_grad()
     def step(self) -> None:
         """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient.
@@ -166,6 +169,11 @@ class BNP:
         has changed since is never preconditioned again; if no tracked layer has a new gradient,
         step() raises. Only calls with new gradients and statistics count towards ``warmup``
         (before the first training forward there are no statistics: gradients stay as they are)."""
+        if self.compiled_fallback and not self._told_fallback:
+            self._told_fallback = True
+            warnings.warn("BNP(fast=True) under torch.compile: the Linear layers use the reference path "
+                          "(step() preconditions their .grad; the same numbers), which compiles without "
+                          "graph breaks", stacklevel=3)
         self.running.fold()
         with_grads = [layer for layer in self._layers if layer.weight.grad is not None]
         fresh = [layer for layer in with_grads if layer.has_new_grad()]
