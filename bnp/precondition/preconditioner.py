@@ -75,6 +75,12 @@ def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], sk
         warnings.warn(f"BNP leaves these weights to the plain optimizer: {_listing(unexpected)}{note}", stacklevel=3)
 
 
+@torch.compiler.disable
+def _eager_step(pre: BNP) -> None:
+    with torch.no_grad():
+        pre._step()
+
+
 class CollectInput:
     """Forward pre-hook of a tracked layer on the reference path. An object bound to
     (preconditioner, layer), so a deep copy of the model collects into its own copy."""
@@ -160,8 +166,6 @@ class BNP:
             else:
                 layer.handle = layer.module.register_forward_pre_hook(CollectInput(self, layer))
 
-    @torch.compiler.disable  # host-side counters and grad versions: never traced, run as written
-    @torch.no_grad()
     def step(self) -> None:
         """Replace (dL/dW, dL/db) of every tracked layer by the BNP-preconditioned gradient.
 
@@ -169,6 +173,12 @@ class BNP:
         has changed since is never preconditioned again; if no tracked layer has a new gradient,
         step() raises. Only calls with new gradients and statistics count towards ``warmup``
         (before the first training forward there are no statistics: gradients stay as they are)."""
+        if torch.compiler.is_compiling():  # inside a torch.compile'd function: run eagerly, not traced
+            return _eager_step(self)  # (host-side counters and gradient versions cannot be traced)
+        with torch.no_grad():
+            self._step()
+
+    def _step(self) -> None:
         if self.compiled_fallback and not self._told_fallback:
             self._told_fallback = True
             warnings.warn("BNP(fast=True) under torch.compile: the Linear layers use the reference path "
