@@ -173,6 +173,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch CPU threads; null = torch's default (parallel sweeps set 1)
     cuda_graph: bool = False  # replay each training step as one CUDA graph (cuda; see README)
     compile: bool = False  # torch.compile the model (BNP's fast Linear layers take the reference path)
+    verbose: bool = False  # a line per evaluation also inside sweeps (single runs always print them)
     # diverged: a non-finite loss or parameter, or a logged train loss above diverge_factor x the
     # untrained model's validation loss (step 0); null turns the blow-up rule off
     diverge_factor: Optional[float] = 10.0

@@ -105,7 +105,7 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
         previous = read_json(summary_path)
         if previous.get("status") in ("completed", "diverged", "not_applicable") and not config.train.rerun:
             print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
-            return previous
+            return {**previous, "skipped": True}
     rank, world = distributed.setup()
     with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
         if config.train.rerun and rank == 0:
@@ -129,6 +129,8 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
                 write_json(summary_path, summary)
             print(f"[bnp] {run_dir}: not applicable: {err}")
             return summary
+        if progress is None and rank == 0 and (not in_sweep or config.train.verbose):
+            progress = _printer(run_dir)  # a line per evaluation; sweeps show their own progress
         return _train(config, resolved, run_dir, base, progress, capture, rank, world)
 
 
@@ -163,7 +165,7 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
                           capture=capture)
         if trainer.resume() and rank == 0:
             print(f"[bnp] {run_dir}: resuming at step {trainer.step}/{trainer.total_steps}")
-        summary.update(trainer.run(progress=progress or (_printer(run_dir) if rank == 0 else None)))
+        summary.update(trainer.run(progress=progress))
         summary["total_steps"] = trainer.total_steps
         if summary["status"] == "diverged" and rank == 0:
             print(f"[bnp] {run_dir.name}: DIVERGED at {summary['reason']}", flush=True)
@@ -193,12 +195,13 @@ def _printer(run_dir: Path):
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
+    """Returns the run's summary (the sweep's progress display counts its status)."""
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run(cfg, run_dir, in_sweep=in_sweep)
+        return run(cfg, run_dir, in_sweep=in_sweep)
     except KeyboardInterrupt as err:
         where = str(err) if isinstance(err, Interrupted) else "before training started"
         print(f"[bnp] {run_dir}: interrupted {where}; run the same command again to resume", file=sys.stderr)
@@ -208,7 +211,7 @@ def main(cfg: DictConfig) -> None:
             raise
         if in_sweep:  # recorded; the other runs go on
             print(f"[bnp] {run_dir.name}: FAILED: {one_line(err)}", file=sys.stderr, flush=True)
-            return
+            return {"status": "failed", "reason": one_line(err)}
         print(f"error: {one_line(err)}\n(set BNP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)
 

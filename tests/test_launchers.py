@@ -19,6 +19,9 @@ def test_two_job_sweep_and_report(launcher, tmp_path):
            "train.steps=10", "train.device=cpu", f"out_root={tmp_path}", "name=two"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the sweep's progress (output to a file: plain lines), not the runs' per-step lines
+    assert "[sweep two] 2/2 runs done (2 completed, 0 diverged, 0 failed, 0 not applicable)" in proc.stdout
+    assert "step 10/10" not in proc.stdout + proc.stderr
     runs, _ = load_runs(tmp_path / "sweeps" / "two")
     assert sorted(runs["norm"]) == ["bnp", "none"] and set(runs["status"]) == {"completed"}
     report = subprocess.run([sys.executable, "-m", "bnp.report", str(tmp_path / "sweeps" / "two")], cwd=ROOT,
@@ -36,3 +39,15 @@ def test_slurm_launcher_config_composes(compose):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.gpus_per_node == 1 and "export WANDB_MODE=offline" in launcher.setup
+
+
+def test_sweep_size_and_progress_line():
+    from collections import Counter
+
+    from bnp.progress import describe, sweep_size
+
+    assert sweep_size({"norm": "none,bn,bnp,ln", "optim.lr": "0.1,0.3"}, ["norm=bnp,ln", "train.seed=range(3)"]) == 12
+    assert sweep_size({}, ["experiment=glob(*)"]) is None
+    line = describe(Counter(completed=35, diverged=2), 180, 192.0, fresh=37)
+    assert line == ("37/180 runs done (35 completed, 2 diverged, 0 failed, 0 not applicable), 3m12s, "
+                    "about 12m22s left")
