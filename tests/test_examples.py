@@ -18,7 +18,8 @@ def test_every_example_is_run_here():
     assert {p.name for p in (ROOT / "examples").glob("*.py")} == set(TINY)
 
 
-@pytest.mark.parametrize("script", sorted(TINY))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s == "torchvision_resnet.py" else s
+                                    for s in sorted(TINY)])  # ResNet-18 through torchvision: make test-all
 def test_example_runs(script):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / script), *TINY[script]], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
