@@ -1,6 +1,7 @@
 """The library installs with torch alone: `pip install bnp` into a clean virtual environment that
 holds torch (and what torch needs) and nothing else, then the README's library snippet runs."""
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -62,9 +63,11 @@ def test_the_library_installs_and_runs_with_torch_alone(tmp_path):
     # the venv's own old setuptools would shadow the one torch requires
     subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True, capture_output=True)
     (site / "torch_only.pth").write_text(f"{torch_only}\n")
-    wheels = tmp_path / "wheels"
+    wheels, source = tmp_path / "wheels", tmp_path / "source"  # a copy: building writes build/ beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "results", "build",
+                                                                 "*.egg-info", "__pycache__", "data"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels,
-                    ROOT], check=True, capture_output=True)
+                    source], check=True, capture_output=True)
     (wheel,) = wheels.glob("bnp-*.whl")
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", wheel], capture_output=True, text=True)
     assert install.returncode == 0, install.stdout + install.stderr  # resolves: torch is all it needs

@@ -1,6 +1,0 @@
-"""bnp: Batch Normalization Preconditioning (Lange, Helfrich & Ye, JMLR 2022) and experiments."""
-
-from bnp.precondition import BNP, LayerStats
-
-__all__ = ["BNP", "LayerStats"]
-__version__ = "0.1.0"
