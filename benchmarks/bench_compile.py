@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from bench_step import Setup, machine, time_block
+from bench_step import Setup, machine, report, time_block
 
 
 def main() -> None:
@@ -53,15 +53,9 @@ def main() -> None:
             rows.append({"batch": batch, "variant": ("plain SGD" if norm == "none" else "BNP") + (", compiled" if compiled else ""),
                          "ms": statistics.median(t) * 1e3, "ratio_to_eager_plain": statistics.median(t) / plain})
     table = pd.DataFrame(rows).round(4)
-    header = f"MLP 784-256-256-256-10, {machine(device)}"
-    print(header)
-    print(table.to_string(index=False))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        command = (f"python benchmarks/bench_compile.py --device {args.device} --batch-sizes {args.batch_sizes} "
-                   f"--rounds {args.rounds} --out {args.out}")
-        (args.out / f"compile-{device.type}.md").write_text(f"{header}\n\ncommand: `{command}`\n\n"
-                                                            f"{table.to_markdown(index=False)}\n")
+    command = (f"python benchmarks/bench_compile.py --device {args.device} --batch-sizes {args.batch_sizes} "
+               f"--rounds {args.rounds} --out {args.out}")
+    report(table, f"MLP 784-256-256-256-10, {machine(device)}", command, args.out, f"compile-{device.type}.md")
 
 
 if __name__ == "__main__":

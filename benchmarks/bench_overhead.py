@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from bench_step import Setup, machine, time_block
+from bench_step import Setup, machine, report, time_block
 from bnp.kernels import count_kernels
 
 
@@ -81,15 +81,10 @@ def main() -> None:
     rows = [{"variant": v, "ms": statistics.median(times[v]) * 1e3, "ratio": statistics.median(times[v]) / plain,
              "kernels": kernels[v], "kernel_ratio": kernels[v] / kernels["none"]} for v in variants]
     table = pd.DataFrame(rows).round(4)
-    header = f"MLP 784-256-256-256-10, batch {args.batch_size}, {machine(device)}"
-    print(header)
-    print(table.to_string(index=False))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        command = (f"python benchmarks/bench_overhead.py --device {args.device} --batch-size {args.batch_size} "
-                   f"--rounds {args.rounds} --out {args.out}")
-        (args.out / f"overhead-{device.type}-b{args.batch_size}.md").write_text(
-            f"{header}\n\ncommand: `{command}`\n\n{table.to_markdown(index=False)}\n")
+    command = (f"python benchmarks/bench_overhead.py --device {args.device} --batch-size {args.batch_size} "
+               f"--rounds {args.rounds} --out {args.out}")
+    report(table, f"MLP 784-256-256-256-10, batch {args.batch_size}, {machine(device)}", command, args.out,
+           f"overhead-{device.type}-b{args.batch_size}.md")
 
 
 if __name__ == "__main__":

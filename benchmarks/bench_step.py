@@ -79,6 +79,15 @@ def machine(device: torch.device) -> str:
             f"torch {torch.__version__}, python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
 
 
+def report(table: pd.DataFrame, header: str, command: str, out: Path | None, name: str) -> None:
+    """Print a benchmark's table; with ``out``, also write it to <out>/<name> with its command."""
+    print(header)
+    print(table.to_string(index=False))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"{header}\n\ncommand: `{command}`\n\n{table.to_markdown(index=False)}\n")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
