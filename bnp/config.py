@@ -236,9 +236,10 @@ def _unknown_keys(given: Any, schema: Any, prefix: str = "") -> None:
 
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Merge ``cfg`` onto the schema and return a checked ``RunConfig``; raise ConfigError."""
-    _unknown_keys(cfg, OmegaConf.structured(RunConfig))
+    schema = OmegaConf.structured(RunConfig)
+    _unknown_keys(cfg, schema)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        merged = OmegaConf.merge(schema, cfg)
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise

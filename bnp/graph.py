@@ -33,8 +33,8 @@ class GraphMode:
     position, the capture and the replayed step. ``capture`` turns a step function into a replay
     function: ``capture_cuda_graph`` on GPUs, a stand-in in the CPU tests."""
 
-    def __init__(self, trainer: Trainer, capture: Callable = capture_cuda_graph):
-        self.trainer, self.capture = trainer, capture
+    def __init__(self, trainer: Trainer, capture: Callable | None = None):
+        self.trainer, self.capture = trainer, capture or capture_cuda_graph
         device = trainer.device
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.offsets = torch.arange(trainer.local_batch, device=device)

@@ -43,6 +43,10 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped by a signal after saving a resumable checkpoint."""
 
 
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (truncated, corrupt, or from another configuration)."""
 
@@ -108,9 +112,7 @@ class Trainer:
         self._epoch_cache = (-1, None, None)
         # train.cuda_graph (what it cannot do is refused by bnp.config.check_cuda_graph); ``capture``
         # replaces the CUDA capture (the CPU tests pass a stand-in)
-        self.graph = None
-        if cfg.cuda_graph:
-            self.graph = GraphMode(self) if capture is None else GraphMode(self, capture)
+        self.graph = GraphMode(self, capture) if cfg.cuda_graph else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -145,10 +147,9 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
         except Exception as err:
-            detail = (str(err).strip().splitlines() or [""])[0]
             raise CheckpointError(
-                f"{self.checkpoint}: cannot resume from it ({type(err).__name__}: {detail[:200]}); it is truncated, "
-                "corrupt or from another configuration. Start the run over with train.rerun=true "
+                f"{self.checkpoint}: cannot resume from it ({type(err).__name__}: {first_line(err)[:200]}); it is "
+                "truncated, corrupt or from another configuration. Start the run over with train.rerun=true "
                 "(this replaces its metrics and checkpoint)") from err
         p = state["progress"]
         for name in self.PROGRESS:

@@ -34,7 +34,7 @@ from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable,
                         validate)
 from bnp.data import DataError, load
 from bnp.log import RunLog, read_json, write_json
-from bnp.loop import CheckpointError, Interrupted, Trainer, plan
+from bnp.loop import CheckpointError, Interrupted, Trainer, first_line, plan
 from bnp.models import build_model
 from bnp.optim import build_optimizer
 
@@ -83,7 +83,7 @@ def run_lock(run_dir: Path):
 
 def one_line(err: BaseException) -> str:
     """An exception as one line: the project's own errors speak for themselves, others get their type."""
-    text = (str(err).strip().splitlines() or [""])[0]
+    text = first_line(err)
     own = isinstance(err, (ConfigError, DataError, CheckpointError, RunLocked, Interrupted))
     return text if own else f"{type(err).__name__}: {text}"
 

@@ -54,22 +54,17 @@ class FastForward:
         pre, layer = self.pre, self.layer
         weight = layer.weight
         training, grad = layer.module.training, torch.is_grad_enabled() and weight.requires_grad
+        # dynamo cannot trace the Function's side effects (graph breaks): under torch.compile the
+        # layer takes the reference path, which compiles into one graph; step() says so once
         if torch.compiler.is_compiling():
-            # dynamo cannot trace the Function's side effects (graph breaks): under torch.compile the
-            # layer takes the reference path, which compiles into one graph; step() says so once
             pre.compiled_fallback = True
-            if grad:
-                layer.state = GradState.REFERENCE
-            if training:
-                pre.running.collect(layer, x.detach())
-            return F.linear(x, weight, layer.bias)
-        if training and grad and layer.state is GradState.FRESH and not sync.is_distributed():
+        elif training and grad and layer.state is GradState.FRESH and not sync.is_distributed():
             layer.state = GradState.IN_FLIGHT
             pre.running.collect(layer, x.detach())
             return FastLinear.apply(x, weight, layer.bias, pre, layer)
         if grad or (training and layer.state is GradState.PRECONDITIONED):
-            # a second gradient-producing forward this step, one in eval mode, or new statistics
-            # after a fast backward used the old ones (before this input changes the statistics)
+            # under torch.compile, a second gradient-producing forward this step, one in eval mode, or
+            # new statistics after a fast backward used the old ones (before this input changes them)
             hand_to_reference(pre, layer)
         if training:
             pre.running.collect(layer, x.detach())

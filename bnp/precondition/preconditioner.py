@@ -57,8 +57,9 @@ _MHA_NOTE = (" (nn.MultiheadAttention is not supported: its packed in_proj_weigh
              "rows that see different inputs, and it uses out_proj's weight without calling out_proj)")
 
 
-def _listing(modules: dict[str, tuple[str, list[str]]]) -> str:
-    return "; ".join(f"{name or '(the model)'}: {kind} ({', '.join(params)})" for name, (kind, params) in modules.items())
+def _listing(modules: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """One 'module: Class (parameters)' entry per module."""
+    return [f"{name or '(the model)'}: {kind} ({', '.join(params)})" for name, (kind, params) in modules.items()]
 
 
 def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], skip: tuple[str, ...]) -> None:
@@ -72,7 +73,8 @@ def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], sk
     }
     if unexpected:
         note = _MHA_NOTE if any(kind == "MultiheadAttention" for kind, _ in unexpected.values()) else ""
-        warnings.warn(f"BNP leaves these weights to the plain optimizer: {_listing(unexpected)}{note}", stacklevel=3)
+        warnings.warn(f"BNP leaves these weights to the plain optimizer: {'; '.join(_listing(unexpected))}{note}",
+                      stacklevel=3)
 
 
 @torch.compiler.disable
@@ -268,7 +270,6 @@ class BNP:
             f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}, fast={self.fast}"
         )
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
-        left = "".join(f"\n  {name or '(the model)'}: {kind} ({', '.join(params)})"
-                       for name, (kind, params) in self.untracked.items())
+        left = "".join(f"\n  {entry}" for entry in _listing(self.untracked))
         left = f"\nleft to the optimizer ({len(self.untracked)} modules):{left}" if left else ""
         return f"BNP({options}, layers={len(self._layers)}):{layers}{left}"
