@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnp.data import SOURCES
-from bnp.models import ARCHS, BUILDERS, NORMS
+from bnp.models import ARCHS, BUILDERS, HEADS, NORMS
 from bnp.models.mlp import ACTIVATIONS
 
 # the accepted values, from the registries that implement them
@@ -57,6 +57,8 @@ class ModelConfig:
     activation: str = "relu"
     channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn: channels per stage
     convs_per_stage: int = 2  # cnn
+    head: str = "gap"  # cnn: gap (global average pooling) | fc (flatten -> [hidden Linear] -> Linear)
+    hidden: int = 0  # cnn head=fc: units of a hidden Linear layer (0: none)
     arch: str = "resnet20"  # resnet: resnet20/32/56/110 (CIFAR-style) or resnet18 (torchvision)
 
     def __post_init__(self) -> None:
@@ -68,6 +70,8 @@ class ModelConfig:
         _check("model.channels", len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
                "a non-empty list of positive integers", list(self.channels))
         _check("model.convs_per_stage", self.convs_per_stage >= 1, "an integer >= 1", self.convs_per_stage)
+        _choice("model.head", self.head, HEADS)
+        _check("model.hidden", self.hidden >= 0, "an integer >= 0 (0: no hidden layer)", self.hidden)
 
 
 @dataclass

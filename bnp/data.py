@@ -119,7 +119,7 @@ def _locate(cfg: DataConfig, places: list[tuple[str, Path]], read) -> dict[str, 
     else:
         tried.append("torchvision download: skipped (data.download=false)")
     raise DataError(
-        f"data.name={cfg.name}: no usable copy found. Tried:\n  - " + "\n  - ".join(tried) + "\n" + HOW_TO_GET[cfg.name]
+        f"data.name={cfg.name}: no usable copy found ({HOW_TO_GET[cfg.name]}). Tried:\n  - " + "\n  - ".join(tried)
     )
 
 

@@ -29,6 +29,16 @@ SETTING = ["data", "model", "norm", "batch_size", "optim"]
 NORM_ORDER = ["none", "bn", "bnp", "ln", "gn"]
 NORM_COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "bnp": "#d62728", "ln": "#2ca02c", "gn": "#9467bd"}
 NORM_LABELS = {"none": "no norm", "bn": "BatchNorm", "bnp": "BNP", "ln": "LayerNorm", "gn": "GroupNorm"}
+VARIANT_COLORS = ["#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#000000"]
+
+
+def norm_rank(norm: str) -> tuple[int, str]:
+    """Table and legend order: the five kinds, then variants (e.g. bnp_releps) by name."""
+    return (NORM_ORDER.index(norm), "") if norm in NORM_ORDER else (len(NORM_ORDER), norm)
+
+
+def norm_color(norm: str) -> str:
+    return NORM_COLORS.get(norm) or VARIANT_COLORS[sum(map(ord, norm)) % len(VARIANT_COLORS)]
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -44,8 +54,25 @@ def _model_label(cfg: dict) -> str:
     if m["name"] == "mlp":
         return f"mlp {m['depth']}x{m['width']}"
     if m["name"] == "cnn":
-        return "cnn " + "-".join(str(c) for c in m["channels"])
+        head = m.get("head", "gap")  # runs from before the fc head had none: gap
+        hidden = f" h{m['hidden']}" if head == "fc" and m.get("hidden") else ""
+        return ("cnn " if head == "gap" else "cnn-fc ") + "-".join(str(c) for c in m["channels"]) + hidden
     return m["arch"]
+
+
+def _hparams(norm_cfg: dict) -> str:
+    """The norm options that differ from their defaults (BNP's eps, momentum, variant options):
+    runs that differ here are different configurations of one method, chosen between like lrs."""
+    from bnp.config import NormConfig
+
+    defaults = NormConfig().__dict__
+    keep = {k: v for k, v in norm_cfg.items() if k not in ("kind", "variant", "fast") and k in defaults
+            and v != defaults[k]}
+    return ",".join(f"{k}={v}" for k, v in sorted(keep.items()))
+
+
+def _norm_label(norm_cfg: dict) -> str:
+    return norm_cfg.get("variant") or norm_cfg["kind"]
 
 
 def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
@@ -57,11 +84,13 @@ def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
             continue
         cfg = yaml.safe_load(config_path.read_text())
         summary = read_json(summary_path) if summary_path.exists() else {"status": "unfinished"}
+        overrides = run_dir / ".hydra" / "overrides.yaml"
         row = {
-            "run": str(run_dir), "data": cfg["data"]["name"], "model": _model_label(cfg), "norm": cfg["norm"]["kind"],
+            "run": str(run_dir), "data": cfg["data"]["name"], "model": _model_label(cfg), "norm": _norm_label(cfg["norm"]),
             "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
-            "seed": cfg["train"]["seed"], "status": summary.get("status", "unknown"),
-            "reason": summary.get("reason", ""),
+            "hparams": _hparams(cfg["norm"]), "seed": cfg["train"]["seed"], "status": summary.get("status", "unknown"),
+            "reason": summary.get("reason", ""), "commit": summary.get("git_commit") or "unknown",
+            "overrides": " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else "",
         }
         for key in ("final_test_acc", "best_val_acc", "test_acc_at_best_val", "final_train_loss", "final_val_acc",
                     "prequential_acc", "wall_time_s", "samples_per_s", "steps"):
@@ -96,17 +125,76 @@ def _mean_std(values: pd.Series, digits: int = 4) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
-def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per setting, the learning rate with the best mean validation accuracy (diverged counts as 0)."""
+def _val_for_choice(runs: pd.DataFrame) -> pd.DataFrame:
     ok = runs[runs["status"].isin(["completed", "diverged"])].copy()
     ok["val_for_choice"] = ok["best_val_acc"].where(ok["status"] == "completed", 0.0).fillna(0.0)
-    means = ok.groupby(SETTING + ["lr"], as_index=False)["val_for_choice"].mean()
+    return ok
+
+
+def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, the learning rate (and norm options, where several were tried) with the best
+    mean validation accuracy over seeds; a diverged run counts as 0. Ties go to the smaller lr."""
+    means = _val_for_choice(runs).groupby(SETTING + ["lr", "hparams"], as_index=False)["val_for_choice"].mean()
     best = means.sort_values(["val_for_choice", "lr"], ascending=[False, True]).groupby(SETTING, as_index=False).first()
-    return best[SETTING + ["lr"]]
+    return best[SETTING + ["lr", "hparams"]]
 
 
-def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: float) -> pd.DataFrame:
-    """One row per setting at its chosen learning rate: mean ± std over seeds, and status counts."""
+def _ladder(lr: float) -> bool:
+    """On the 1-3-10 ladder (0.001, 0.003, 0.01, ...), as the experiments' grids are."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    return math.isclose(mantissa, 1, rel_tol=0.02) or math.isclose(mantissa, 3, rel_tol=0.02)
+
+
+def next_lr(lrs: list[float], up: bool) -> float:
+    """One grid step beyond the edge of ``lrs``: the next 1-3-10 value if the grid is on that
+    ladder, else the grid's own mean ratio (rounded to 3 significant digits)."""
+    lrs = sorted(lrs)
+    edge = lrs[-1] if up else lrs[0]
+    if all(_ladder(x) for x in lrs):
+        decade = 10 ** math.floor(math.log10(edge) + 1e-9)
+        is_one = math.isclose(edge / decade, 1, rel_tol=0.02)
+        new = (3 * decade if is_one else 10 * decade) if up else (0.3 * decade if is_one else decade)
+    else:
+        ratio = (lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else 3.0
+        new = edge * ratio if up else edge / ratio
+    return float(f"{new:.3g}")
+
+
+BRACKETS = ("interior", "diverged-beyond", "capped", "edge", "single", "n/a")
+
+
+def lr_bracket(runs: pd.DataFrame, lr: float, hparams: str, extensions: dict | None = None) -> str:
+    """How a setting's chosen lr is bracketed by the lrs tried around it (one of BRACKETS):
+    interior (a tried lr on each side that did not diverge everywhere), diverged-beyond (the lr
+    on one side diverged in every seed), capped (at an edge after the driver's extension cap),
+    edge (at an edge, not extended), single (one lr tried). ``extensions``: the driver's record
+    for this setting, {"low": n, "high": n, "cap": cap}."""
+    ok = _val_for_choice(runs[runs["hparams"] == hparams])
+    lrs = sorted(ok["lr"].unique())
+    if lr not in lrs:
+        return "n/a"
+    if len(lrs) == 1:
+        return "single"
+    i = lrs.index(lr)
+    sides = {"low": lrs[i - 1] if i > 0 else None, "high": lrs[i + 1] if i + 1 < len(lrs) else None}
+    for side, neighbour in sides.items():
+        if neighbour is None:
+            record = extensions or {}
+            return "capped" if record.get(side, 0) >= record.get("cap", math.inf) else "edge"
+    if any((ok[ok["lr"] == n]["status"] == "diverged").all() for n in sides.values()):
+        return "diverged-beyond"
+    return "interior"
+
+
+def setting_key(values) -> str:
+    """The name of a setting in the bracketing record (``<sweep>/bracket.json``)."""
+    return "|".join(str(v) for v in values)
+
+
+def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: float,
+                     extensions: dict | None = None) -> pd.DataFrame:
+    """One row per setting at its chosen learning rate: mean ± std over seeds, status counts, and
+    how the lr is bracketed (``extensions``: the driver's bracketing record, by setting_key)."""
     runs = runs.copy()
     runs["steps_to_target"] = [steps_to_target(curves.get(r, []), target) for r in runs["run"]]
     chosen = pick_learning_rates(runs)
@@ -116,13 +204,14 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: 
         match = chosen.merge(pd.DataFrame([row]), on=SETTING)
         row["status"] = _status_counts(group["status"])
         if match.empty:  # nothing ran: not applicable, failed
-            row.update({"lr": "n/a", "seeds": 0})
+            row.update({"lr": "n/a", "lr_bracket": "n/a", "seeds": 0})
             out.append(row)
             continue
-        lr = match["lr"].iloc[0]
-        best = group[(group["lr"] == lr) & (group["status"] == "completed")]
+        lr, hparams = match["lr"].iloc[0], match["hparams"].iloc[0]
+        best = group[(group["lr"] == lr) & (group["hparams"] == hparams) & (group["status"] == "completed")]
         row.update({
-            "lr": lr, "seeds": len(best),
+            "lr": lr, "lr_bracket": lr_bracket(group, lr, hparams, (extensions or {}).get(setting_key(key))),
+            "hparams": hparams, "seeds": len(best),
             "test_acc": _mean_std(best["final_test_acc"]),
             "best_val_acc": _mean_std(best["best_val_acc"]),
             "train_loss": _mean_std(best["final_train_loss"]),
@@ -132,14 +221,14 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: 
         })
         out.append(row)
     table = pd.DataFrame(out)
-    table["norm"] = pd.Categorical(table["norm"], [n for n in NORM_ORDER if n in set(table["norm"])])
+    table["norm"] = pd.Categorical(table["norm"], sorted(set(table["norm"]), key=norm_rank))
     return table.sort_values(["data", "model", "batch_size", "norm"]).reset_index(drop=True).fillna("n/a")
 
 
 # ---------------------------------------------------------------------------------------- figures
 def _chosen_runs(runs: pd.DataFrame) -> pd.DataFrame:
     chosen = pick_learning_rates(runs)
-    return runs.merge(chosen, on=SETTING + ["lr"])
+    return runs.merge(chosen, on=SETTING + ["lr", "hparams"])
 
 
 def _band(ax, frames: list[pd.DataFrame], x: str, y: str, norm: str) -> None:
@@ -149,9 +238,9 @@ def _band(ax, frames: list[pd.DataFrame], x: str, y: str, norm: str) -> None:
         return
     joined = pd.concat(series, axis=1).sort_index().interpolate(limit_area="inside")
     mean = joined.mean(axis=1)
-    ax.plot(mean.index, mean.values, color=NORM_COLORS.get(norm), label=NORM_LABELS.get(norm, norm))
+    ax.plot(mean.index, mean.values, color=norm_color(norm), label=NORM_LABELS.get(norm, norm))
     if len(series) > 1:
-        ax.fill_between(mean.index, joined.min(axis=1), joined.max(axis=1), color=NORM_COLORS.get(norm), alpha=0.2)
+        ax.fill_between(mean.index, joined.min(axis=1), joined.max(axis=1), color=norm_color(norm), alpha=0.2)
 
 
 def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -> list[Path]:
@@ -176,7 +265,7 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
     panels = list(chosen.groupby(["data", "model", "batch_size"]))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.5), squeeze=False)
     for col, ((data, model, bs), group) in enumerate(panels):
-        for norm, runs_of_norm in sorted(group.groupby("norm"), key=lambda kv: NORM_ORDER.index(kv[0])):
+        for norm, runs_of_norm in sorted(group.groupby("norm"), key=lambda kv: norm_rank(kv[0])):
             frames = [pd.DataFrame(curves[r]) for r in runs_of_norm["run"]]
             _band(axes[0, col], frames, "epoch", "train_loss", norm)
             _band(axes[1, col], frames, "epoch", "test_acc", norm)
@@ -196,10 +285,10 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for col, ((data, model), group) in enumerate(groups):
         ax = axes[0, col]
-        for norm, g in sorted(group.groupby("norm"), key=lambda kv: NORM_ORDER.index(kv[0])):
+        for norm, g in sorted(group.groupby("norm"), key=lambda kv: norm_rank(kv[0])):
             stats = g.groupby("batch_size")["final_test_acc"].agg(["mean", "std"]).reset_index()
             ax.errorbar(stats["batch_size"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                        color=NORM_COLORS.get(norm), label=NORM_LABELS.get(norm, norm))
+                        color=norm_color(norm), label=NORM_LABELS.get(norm, norm))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (log scale)")
         ax.set_ylabel("final test accuracy")
@@ -215,7 +304,7 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
         for col, ((data, model), group) in enumerate(groups):
             ax = axes[0, col]
-            for norm, g in sorted(group.groupby("norm"), key=lambda kv: NORM_ORDER.index(kv[0])):
+            for norm, g in sorted(group.groupby("norm"), key=lambda kv: norm_rank(kv[0])):
                 frames = []
                 for r in g["run"]:
                     f = pd.DataFrame(curves[r])
@@ -234,23 +323,45 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
 
 # ---------------------------------------------------------------------------------------- main
 def _provenance(argv: list[str], sweep_dir: Path, runs: pd.DataFrame) -> str:
-    """How the results were made: the sweep command (from Hydra's multirun.yaml), this command,
-    the commit, the machine and the summed training time."""
+    """How the results were made: every sweep invocation with its commit (<sweep>/invocations.jsonl;
+    Hydra's multirun.yaml for sweeps from before it), the commits the runs ran at, this report's
+    command and commit, the machine and the summed training time."""
+    from bnp.provenance import read_invocations
+
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     lines = []
+    invocations = read_invocations(sweep_dir)
+    for inv in invocations:
+        lines.append(f"sweep: `{inv['command']}` (commit {inv['commit']}, {inv['started']} to "
+                     f"{inv['finished'] or 'interrupted'})")
     multirun = Path(sweep_dir) / "multirun.yaml"
-    if multirun.exists():
+    if not invocations and multirun.exists():
         task = yaml.safe_load(multirun.read_text()).get("hydra", {}).get("overrides", {}).get("task", [])
-        lines.append(f"sweep: `python -m bnp.train -m {' '.join(task)}`")
+        lines.append(f"sweep (the last one only): `python -m bnp.train -m {' '.join(task)}`")
+    by_commit = runs["commit"].value_counts()
     lines += [
-        f"report: `python -m bnp.report {' '.join(argv)}`",
+        "runs by the commit they ran at: " + ", ".join(f"{c} ({n})" for c, n in by_commit.items()),
+        f"report: `python -m bnp.report {' '.join(argv)}` (commit {commit})",
         f"runs: {len(runs)} ({_status_counts(runs['status'])}); training time summed over runs: "
         f"{runs['wall_time_s'].sum():.0f} s",
-        f"commit: {commit}",
         f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
         f"date: {time.strftime('%Y-%m-%d %H:%M')}",
     ]
     return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
+def read_extensions(sweep_dir: Path) -> dict:
+    """The driver's bracketing record (bnp.sweep), {setting_key: {"low": n, "high": n, "cap": cap}}."""
+    path = Path(sweep_dir) / "bracket.json"
+    return read_json(path) if path.exists() else {}
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    """table.md: a chosen lr that is not bracketed on both sides is shown in bold with its label."""
+    shown = table.copy()
+    if "lr_bracket" in shown:
+        shown["lr_bracket"] = [b if b in ("interior", "n/a") else f"**{b}**" for b in shown["lr_bracket"]]
+    return shown.to_markdown(index=False) + "\n"
 
 
 def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | None = None) -> pd.DataFrame:
@@ -258,9 +369,9 @@ def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | No
     if runs.empty:
         raise SystemExit(f"error: no run directories (config.yaml + summary.json) under {sweep_dir}")
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(runs, curves, target)
+    table = comparison_table(runs, curves, target, read_extensions(sweep_dir))
     table.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(table.to_markdown(index=False) + "\n")
+    (out / "table.md").write_text(_markdown(table))
     (out / "table.tex").write_text(table.to_latex(index=False, escape=True))
     runs.to_csv(out / "runs.csv", index=False)
     every = runs.assign(run=[Path(r).name for r in runs["run"]]).sort_values("run")

@@ -8,18 +8,27 @@ the batch size. Every grid runs as
 
 so a rerun skips finished runs and resumes interrupted ones. ``smoke=True`` swaps in the
 experiment's smoke grids (offline data, a handful of steps) and writes to ``<name>_smoke``.
+
+Then every learning rate is bracketed: a setting (data, model, norm, batch size, optimizer) whose
+best mean validation accuracy sits at an edge of the lrs tried gets one more lr beyond that edge
+(the grid's next 1-3-10 value, or its own ratio), with the same seeds, until the best is interior,
+the lr beyond it diverged, or ``--bracket-cap`` extensions were made on that side. The extensions
+are recorded in ``<sweep dir>/bracket.json`` when they finish, so an interrupted run resumes them;
+the report labels each choice (``lr_bracket``: interior, diverged-beyond, capped, edge, single).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bnp.report import report
+from bnp.report import (SETTING, _val_for_choice, load_runs, lr_bracket, next_lr, pick_learning_rates,
+                        read_extensions, report, setting_key)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +46,47 @@ def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: lis
     ]
 
 
+def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, list[str]]]:
+    """(setting key, side, the multirun's overrides) for every setting whose chosen lr sits at an
+    edge of the lrs tried that may still be extended."""
+    plans = []
+    for _, chosen in pick_learning_rates(runs).iterrows():
+        key = setting_key(chosen[SETTING])
+        group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
+        record = {"low": 0, "high": 0, **extensions.get(key, {}), "cap": cap}
+        if lr_bracket(group, chosen["lr"], chosen["hparams"], record) != "edge":
+            continue
+        tried = _val_for_choice(group[group["hparams"] == chosen["hparams"]])
+        lrs = sorted(tried["lr"].unique())
+        up = chosen["lr"] == lrs[-1]
+        template = shlex.split(tried["overrides"].iloc[0])
+        if not template:  # a run without Hydra's record of its overrides cannot be repeated
+            continue
+        kept = [o for o in template if o.split("=", 1)[0] not in ("optim.lr", "train.seed")]
+        seeds = ",".join(str(s) for s in sorted(tried["seed"].unique()))
+        plans.append((key, "high" if up else "low", [*kept, f"optim.lr={next_lr(lrs, up):g}", f"train.seed={seeds}"]))
+    return plans
+
+
+def bracket(sweep_dir: Path, cap: int, label: str = "") -> dict:
+    """Extend edge learning rates until each choice is bracketed (see the module doc); returns the
+    record of extensions, also kept in ``<sweep dir>/bracket.json``."""
+    extensions = read_extensions(sweep_dir)
+    while True:
+        runs, _ = load_runs(sweep_dir)
+        plans = plan_extensions(runs, extensions, cap)
+        if not plans:
+            return extensions
+        for i, (key, side, overrides) in enumerate(plans, 1):
+            print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
+                  f"{overrides[-2]}", flush=True)
+            subprocess.run([sys.executable, "-m", "bnp.train", "-m", *overrides], cwd=ROOT, check=True)
+            entry = extensions.setdefault(key, {"low": 0, "high": 0})
+            entry[side] += 1
+            entry["cap"] = cap
+            (Path(sweep_dir) / "bracket.json").write_text(json.dumps(extensions, indent=1, sort_keys=True) + "\n")
+
+
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
                    smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=f"experiment {name}: sweep + report")
@@ -46,6 +96,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     parser.add_argument("--results", default=None, help="report directory (default: results/NAME)")
     parser.add_argument("--report-only", action="store_true", help="skip the sweep, redo the report")
     parser.add_argument("--suffix", default="", help="variant name, e.g. mnist: sweep NAME_mnist")
+    parser.add_argument("--bracket-cap", type=int, default=None,
+                        help="lr extensions per edge of a setting's grid (default 3, smoke 1; 0: none)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
                         "one of a grid's keys replaces its values, e.g. norm=none,bnp")
     args = parser.parse_args(argv)
@@ -60,6 +112,9 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
         for i, cmd in enumerate(cmds, 1):
             print(f"[experiment {sweep_name}] sweep {i}/{len(cmds)}: {shlex.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
+        cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
+        if cap > 0:
+            bracket(sweep_dir, cap, sweep_name)
     results = Path(args.results or (ROOT / "results" / sweep_name))
     report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
     with open(results / "PROVENANCE.md", "a") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch import nn
-from bnp.models.cnn import CNN
+from bnp.models.cnn import CNN, HEADS
 from bnp.models.mlp import MLP
 from bnp.models.norm import NORMS, make_norm
 from bnp.models.resnet import ARCHS, CIFAR_DEPTHS, CifarResNet, resnet18
@@ -14,7 +14,7 @@ from bnp.models.resnet import ARCHS, CIFAR_DEPTHS, CifarResNet, resnet18
 if TYPE_CHECKING:
     from bnp.config import ModelConfig
 
-__all__ = ["ARCHS", "BUILDERS", "CNN", "MLP", "NORMS", "CifarResNet", "build_model", "make_norm", "resnet18"]
+__all__ = ["ARCHS", "BUILDERS", "CNN", "HEADS", "MLP", "NORMS", "CifarResNet", "build_model", "make_norm", "resnet18"]
 
 
 def _mlp(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -26,7 +26,8 @@ def _mlp(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> n
 
 def _cnn(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> nn.Module:
     return CNN(shape[0], classes, channels=tuple(cfg.channels), convs_per_stage=cfg.convs_per_stage,
-               activation_name=cfg.activation, norm=norm)
+               activation_name=cfg.activation, norm=norm, head=cfg.head, hidden=cfg.hidden,
+               image_size=tuple(shape[1:]))
 
 
 def _resnet(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> nn.Module:
