@@ -85,6 +85,12 @@ class NormConfig:
     scale: bool = True
     skip: list[str] = field(default_factory=list)
     fast: bool = True  # Linear gradients preconditioned inside backward (same numbers, less memory traffic)
+    # BNP variants (bnp.BNP; configs/norm/bnp_<variant>.yaml), all off in the paper's BNP
+    eps_relative: bool = False  # eps x each layer's mean input variance instead of an absolute floor
+    average_start: bool = False  # cumulative average of the first 1/momentum batches
+    output_scale: bool = False  # each unit's step / (running variance of its pre-activation + eps)
+    clip: Optional[float] = None  # unit-wise adaptive gradient clipping (NFNets' AGC) at clip x ||W_i||
+    variant: str = ""  # the name tables give this norm (a variant's config sets it; empty: kind)
 
     def __post_init__(self) -> None:
         _choice("norm.kind", self.kind, NORMS)
@@ -92,6 +98,11 @@ class NormConfig:
                self.momentum)
         _check("norm.eps", self.eps > 0 and math.isfinite(self.eps), "a finite number > 0", self.eps)
         _check("norm.warmup", self.warmup >= 0, "an integer >= 0", self.warmup)
+        _check("norm.clip", self.clip is None or (self.clip > 0 and math.isfinite(self.clip)),
+               "null (off) or a finite number > 0", self.clip)
+        variants = [k for k in ("eps_relative", "average_start", "output_scale") if getattr(self, k)]
+        _check("norm.kind", self.kind == "bnp" or not (variants or self.clip is not None),
+               f"'bnp' for the BNP options {variants + (['clip'] if self.clip is not None else [])}", self.kind)
 
 
 @dataclass
@@ -303,6 +314,9 @@ def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1, real_
         refuse("not with data augmentation (data.augment, on by default for CIFAR); set data.augment=false")
     if world > 1:
         refuse(f"not with several processes ({world}); one process per GPU has no graph mode yet")
+    if cfg.norm.kind == "bnp" and (cfg.norm.average_start or cfg.norm.output_scale):
+        refuse("not with norm.average_start or norm.output_scale (their momentum changes from step to step "
+               "on the host, which a captured graph would freeze)")
     if cfg.optim.name == "sgd" and cfg.optim.schedule != "constant":
         refuse(f"optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant' "
                f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")

@@ -96,6 +96,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     parser.add_argument("--results", default=None, help="report directory (default: results/NAME)")
     parser.add_argument("--report-only", action="store_true", help="skip the sweep, redo the report")
     parser.add_argument("--suffix", default="", help="variant name, e.g. mnist: sweep NAME_mnist")
+    parser.add_argument("--grids", default=None, help="run only these of the experiment's grids, e.g. 1 or 1,3 "
+                        "(1-based, in the file's order)")
     parser.add_argument("--bracket-cap", type=int, default=None,
                         help="lr extensions per edge of a setting's grid (default 3, smoke 1; 0: none)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
@@ -105,6 +107,11 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     launcher = args.launcher or ("basic" if args.smoke else "local")
     if args.smoke:
         grids, fixed = smoke_grids, [*fixed, *smoke_fixed]
+    if args.grids:
+        picked = [int(i) for i in args.grids.split(",")]
+        if not all(1 <= i <= len(grids) for i in picked):
+            parser.error(f"--grids {args.grids}: this experiment has grids 1..{len(grids)}")
+        grids = [grids[i - 1] for i in picked]
     cmds = commands(name, sweep_name, grids, [*fixed, *args.overrides], launcher, args.out_root)
     sweep_dir = Path(args.out_root) / "sweeps" / sweep_name
     started = time.time()

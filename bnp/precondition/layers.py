@@ -43,10 +43,19 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(type(module).__name__, pattern)
 
 
+ENDS = {"@first": 0, "@last": -1}  # skip patterns for the first / last layer in model order
+
+
+def resolve_ends(names: list[str], skip: tuple) -> tuple:
+    """``skip`` with ``@first`` / ``@last`` replaced by the first / last of the candidate ``names``."""
+    return tuple(names[ENDS[p]] if names and isinstance(p, str) and p in ENDS else p for p in skip)
+
+
 def discover(model: nn.Module, skip: tuple[str, ...]) -> list[Layer]:
     """The tracked layers of ``model``, in model order, less those ``skip`` matches (each pattern
-    must match a layer)."""
+    must match a layer; ``@first`` and ``@last`` name the first and last candidate layer)."""
     found = candidates(model)
+    skip = resolve_ends(list(found), skip)
     for pattern in skip:
         if not isinstance(pattern, str):
             raise ValueError(f"BNP: skip patterns must be strings, got {pattern!r}")

@@ -34,11 +34,13 @@ from torch import nn
 
 from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
-from bnp.precondition.layers import GradState, Layer, discover, matches, skip_patterns, untracked
+from bnp.precondition.layers import (GradState, Layer, candidates, discover, matches, resolve_ends, skip_patterns,
+                                     untracked)
+from bnp.precondition.rows import OutputStats, clip_units
 from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
 
 
-def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any) -> None:
+def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any, clip: Any) -> None:
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 < momentum <= 1):
         raise ValueError(f"BNP: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
@@ -51,6 +53,9 @@ def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], 
             raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
     if moments not in MOMENTS:
         raise ValueError(f"BNP: moments must be one of {list(MOMENTS)}, got {moments!r}")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not (clip > 0 and math.isfinite(clip))):
+        raise ValueError(f"BNP: clip must be None (off) or a finite number > 0, got {clip!r}")
 
 
 _MHA_NOTE = (" (nn.MultiheadAttention is not supported: its packed in_proj_weight has query, key and value "
@@ -66,6 +71,7 @@ def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], sk
     """Warn once about weight matrices left to the plain optimizer that were not skipped on purpose
     (embeddings, attention projections, custom modules), so nobody believes they are preconditioned."""
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    skip = resolve_ends(list(candidates(model)), skip)
     unexpected = {
         name: (kind, names) for name, (kind, names) in left.items()
         if any(params[f"{name}.{p}" if name else p].dim() >= 2 for p in names)
@@ -109,7 +115,8 @@ class BNP:
         center: subtract the running mean (needs a bias to absorb it; bias-free layers only scale).
         scale: divide by the running variance + eps.
         skip: module-name or class-name patterns (``fnmatch`` globs) of layers to leave alone,
-            e.g. ``("fc_out",)`` or ``("head.*", "Conv1d")``. Each pattern must match a layer.
+            e.g. ``("fc_out",)`` or ``("head.*", "Conv1d")``; ``"@first"`` / ``"@last"`` name the
+            first / last Linear or Conv layer in model order. Each pattern must match a layer.
         sync: under ``torch.distributed`` (world size > 1), pool each step's input statistics
             over all ranks with one all-reduce, so every replica applies the same
             preconditioner. Turning it off lets replicas drift apart (for ablations only).
@@ -124,6 +131,17 @@ class BNP:
         moments: how batch moments are computed: "auto" (default: one pass, torch.var_mean, on
             CUDA; two plain passes, mean then squared deviation, on CPU, where they were 10-15x
             faster), "one_pass" or "two_pass". The results agree to float rounding.
+
+    Variants (opt-in, each off by default; the paper's BNP is the default):
+        eps_relative: the variance floor of a layer is eps x the mean sigma2 of its input features
+            (1 while they have no variance yet) instead of the absolute eps.
+        average_start: the momentum of a layer's t-th batch is max(momentum, 1 / t): a cumulative
+            average of the first 1 / momentum batches (BatchNorm's momentum=None), so the early
+            statistics are not weighted towards the first batch. Not under CUDA-graph capture.
+        output_scale: multiply each output unit's preconditioned gradient by 1 / (v + eps), v the
+            running variance of the unit's pre-activation (BatchNorm's gamma^2 / Var(h) step scale).
+        clip: unit-wise adaptive gradient clipping (NFNets): each unit's gradient [G_i, g_i] is at
+            most clip x max(||[W_i, b_i]||, 1e-3) long, after the rules above.
 
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
     model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it
@@ -145,10 +163,18 @@ class BNP:
         sync: bool = True,
         fast: bool = False,
         moments: str = "auto",
+        eps_relative: bool = False,
+        average_start: bool = False,
+        output_scale: bool = False,
+        clip: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_options(momentum, eps, warmup, dict(center=center, scale=scale, sync=sync, fast=fast), moments)
+        _check_options(momentum, eps, warmup, dict(center=center, scale=scale, sync=sync, fast=fast,
+                       eps_relative=eps_relative, average_start=average_start, output_scale=output_scale),
+                       moments, clip)
+        self.eps_relative, self.average_start, self.output_scale = eps_relative, average_start, output_scale
+        self.clip = None if clip is None else float(clip)
         self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
         self.warmup, self.center, self.scale, self.sync, self.fast = warmup, center, scale, sync, fast
@@ -160,7 +186,9 @@ class BNP:
         self.untracked = untracked(model, self._layers)
         _warn_untracked(model, self.untracked, self.skip)
         self.running = RunningStats(self._layers, momentum=self.momentum, eps=self.eps, center=center, scale=scale,
-                                    sync=sync, moments=moments, prepare_a_hat=fast)
+                                    sync=sync, moments=moments, prepare_a_hat=fast, eps_relative=eps_relative,
+                                    average_start=average_start)
+        self.outputs = OutputStats(self._layers, self.running) if output_scale else None
         for layer in self._layers:
             if fast and layer.dense:
                 layer.fast = True
@@ -200,6 +228,11 @@ class BNP:
             raw = [layer for layer in fresh if layer.batches and layer.preconditions_in_step]
             if raw:
                 reference.precondition(raw, self.running)
+            for layer in fresh:
+                if layer.batches and self.outputs is not None:
+                    self.outputs.scale(layer, self.eps)
+                if layer.batches and self.clip is not None:
+                    clip_units(layer, self.clip)
         for layer in fresh:
             layer.mark_grad()
         for layer in self._layers:
@@ -212,6 +245,9 @@ class BNP:
     @contextlib.contextmanager
     def recording(self):
         """Leave the host-side counters as they were: wrap the capture of a step in this."""
+        if self.average_start or self.output_scale:
+            raise RuntimeError("BNP: average_start and output_scale change the momentum from step to step on the "
+                               "host, which a captured CUDA graph would freeze; run them without graph capture")
         saved = self.steps, [layer.batches for layer in self._layers]
         try:
             yield
@@ -243,7 +279,10 @@ class BNP:
         return self.running.of(self.layer(name))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "layers": self.running.state_dict()}
+        state = {"steps": self.steps, "layers": self.running.state_dict()}
+        if self.outputs is not None:
+            state["outputs"] = self.outputs.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         layers = state["layers"]
@@ -253,10 +292,14 @@ class BNP:
             raise KeyError(f"BNP.load_state_dict: missing layers {missing}, unexpected layers {unexpected}")
         self.running.load_state_dict(layers)
         self.steps = int(state["steps"])
+        if self.outputs is not None and "outputs" in state:
+            self.outputs.load_state_dict(state["outputs"])
 
     def remove(self) -> None:
         """Detach the forward hooks; the model is left exactly as it was."""
         self.running.fold()
+        if self.outputs is not None:
+            self.outputs.remove()
         for layer in self._layers:
             if layer.handle is not None:
                 layer.handle.remove()
@@ -269,6 +312,9 @@ class BNP:
             f"momentum={'auto' if self.momentum is None else self.momentum}, eps={self.eps}, warmup={self.warmup}, "
             f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}, fast={self.fast}"
         )
+        variants = {k: v for k, v in dict(eps_relative=self.eps_relative, average_start=self.average_start,
+                                          output_scale=self.output_scale, clip=self.clip).items() if v}
+        options += "".join(f", {k}={v}" for k, v in variants.items())
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
         left = "".join(f"\n  {entry}" for entry in _listing(self.untracked))
         left = f"\nleft to the optimizer ({len(self.untracked)} modules):{left}" if left else ""

@@ -71,7 +71,7 @@ def restore_raw(layer: Layer, stats: RunningStats) -> None:
         g = bias_grad.to(stats.dtype).addmv(G, layer.mean)  # g = g_tilde + G_tilde mu
         bias_grad.copy_(g)
     if stats.scale:
-        G = G * (layer.var + stats.eps)
+        G = G * stats.denominator()[layer.span]
     if center:
         G = G.addr(g, layer.mean)  # G = G_tilde D2 + g mu^T
     grad.copy_(G)

@@ -43,8 +43,10 @@ class RunningStats:
     """mean and var of every tracked layer's input features, and each layer's pending input."""
 
     def __init__(self, layers: list[Layer], *, momentum: float | None, eps: float, center: bool, scale: bool,
-                 sync: bool, moments: str, prepare_a_hat: bool):
+                 sync: bool, moments: str, prepare_a_hat: bool, eps_relative: bool = False,
+                 average_start: bool = False):
         self.layers, self.momentum, self.eps = layers, momentum, eps
+        self.eps_relative, self.average_start = eps_relative, average_start
         self.center, self.scale, self.sync, self.moments = center, scale, sync, moments
         device = layers[0].weight.device
         # float32 statistics and arithmetic for every model dtype, float64 for float64 models
@@ -92,13 +94,29 @@ class RunningStats:
         self._changed()
 
     # ------------------------------------------------------------------ derived values
+    def denominator(self) -> torch.Tensor:
+        """sigma2 + eps for every feature of every layer. With ``eps_relative`` the floor of a layer
+        is eps x the mean of its features' sigma2 (1 while that mean is 0: no scaling before the
+        layer's inputs vary), so it follows each layer's own variance scale."""
+        if not self.eps_relative:
+            return torch.add(self.var, self.eps)
+        scales = torch.stack([v.mean() for v in self.var.split(self.sizes)])
+        floors = torch.where(scales > 0, scales * self.eps, torch.ones_like(scales))
+        return self.var + floors.repeat_interleave(self._sizes_on(floors.device), output_size=self.var.numel())
+
+    def _sizes_on(self, device: torch.device) -> torch.Tensor:
+        sizes = getattr(self, "_sizes_tensor", None)
+        if sizes is None or sizes.device != device:
+            sizes = self._sizes_tensor = torch.tensor(self.sizes, device=device)
+        return sizes
+
     def derived(self) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """Per layer (in order), 1 / (sigma2 + eps) and -mu / (sigma2 + eps) (None where scale /
         center is off): computed for all layers at once, until the statistics change."""
         if self._derived is None:
             inv = shift = None
             if self.scale:
-                inv = torch.add(self.var, self.eps).reciprocal_()
+                inv = self.denominator().reciprocal_()
                 if self.center:
                     shift = (self.mean * inv).neg_().split(self.sizes)
                 inv = inv.split(self.sizes)
@@ -124,9 +142,13 @@ class RunningStats:
     def synced(self) -> bool:
         return self.sync and sync.is_distributed()
 
-    def alpha(self, samples: int) -> float:
-        """The momentum for a batch of ``samples`` samples (rows of a dense input, or images)."""
-        return self.momentum if self.momentum is not None else min(0.1, samples / AUTO_WINDOW)
+    def alpha(self, samples: int, batches: int = 0) -> float:
+        """The momentum for a batch of ``samples`` samples (rows of a dense input, or images) folded
+        after ``batches`` earlier ones. With ``average_start`` it is at least 1 / (batches + 1): a
+        cumulative average of the batches until the momentum takes over (BatchNorm's momentum=None
+        for the first 1 / momentum batches), so early statistics are not biased towards the first."""
+        alpha = self.momentum if self.momentum is not None else min(0.1, samples / AUTO_WINDOW)
+        return max(alpha, 1.0 / (batches + 1)) if self.average_start else alpha
 
     def rows(self, layer: Layer) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The pending input in the statistics' dtype and the dims to pool: (rows, features) for
@@ -155,9 +177,9 @@ class RunningStats:
             return
         rows = [self.rows(layer) for layer in layers]
         first = layers[0].batches == 0
-        alpha = self.alpha(rows[0][0].shape[0])
+        alpha = self.alpha(rows[0][0].shape[0], layers[0].batches)
         if (len(layers) < len(self.layers) or any((layer.batches == 0) != first for layer in layers)
-                or any(self.alpha(x.shape[0]) != alpha for x, _ in rows)):
+                or any(self.alpha(x.shape[0], layer.batches) != alpha for (x, _), layer in zip(rows, layers))):
             for layer in layers:  # layers in different states: one at a time
                 self._fold_one(layer)
             return
@@ -167,7 +189,7 @@ class RunningStats:
         keep = prepare and self.prepare_a_hat and len(rows) == 1
         deviations = self._recurrences(self.mean, self.var, rows, alpha, first, keep=keep)
         if deviations is not None:
-            self.a_hat = deviations[0].div_(torch.add(self.var, self.eps)).split(self.sizes, dim=1)
+            self.a_hat = deviations[0].div_(self.denominator()).split(self.sizes, dim=1)
         for layer in layers:
             layer.pending = None
             layer.batches += 1
@@ -177,7 +199,7 @@ class RunningStats:
         self._changed()
         row = self.rows(layer)
         layer.pending = None
-        self._recurrences(layer.mean, layer.var, [row], self.alpha(row[0].shape[0]), layer.batches == 0)
+        self._recurrences(layer.mean, layer.var, [row], self.alpha(row[0].shape[0], layer.batches), layer.batches == 0)
         layer.batches += 1
 
     def _moments_in_one_pass(self, x: torch.Tensor) -> bool:

@@ -55,7 +55,7 @@ def fold(stats: RunningStats) -> None:
             continue
         sl = layer.span
         m, s, c = buf[sl] / count, buf[n_feat + sl.start : n_feat + sl.stop] / count, center[sl]
-        alpha = stats.alpha(int(buf[2 * n_feat + n_layers + i].item()))  # from the global batch
+        alpha = stats.alpha(int(buf[2 * n_feat + n_layers + i].item()), layer.batches)  # from the global batch
         if layer.batches == 0:
             layer.mean.copy_(m)
             layer.var.copy_(s - (m - c).square())
