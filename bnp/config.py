@@ -189,6 +189,7 @@ class TrainConfig:
     cuda_graph: bool = False  # replay each training step as one CUDA graph (cuda; see README)
     compile: bool = False  # torch.compile the model (BNP's fast Linear layers take the reference path)
     verbose: bool = False  # a line per evaluation also inside sweeps (single runs always print them)
+    diagnostics: bool = False  # per-layer update/weight ratios and BNP statistics in each train row (bnp.analysis)
     # diverged: a non-finite loss or parameter, or a logged train loss above diverge_factor x the
     # untrained model's validation loss (step 0); null turns the blow-up rule off
     diverge_factor: Optional[float] = 10.0

@@ -25,6 +25,7 @@ from bnp import BNP
 from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
 from bnp.distributed import summed
+from bnp.analysis.diagnostics import Diagnostics
 from bnp.graph import GraphMode
 from bnp.log import RunLog
 
@@ -113,6 +114,7 @@ class Trainer:
         # train.cuda_graph (what it cannot do is refused by bnp.config.check_cuda_graph); ``capture``
         # replaces the CUDA capture (the CPU tests pass a stand-in)
         self.graph = GraphMode(self, capture) if cfg.cuda_graph else None
+        self.diagnostics = Diagnostics(model, pre) if cfg.diagnostics else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -195,6 +197,8 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_step(self) -> None:
         """One training step: eager, or a replay of the captured step in graph mode."""
+        if self.diagnostics is not None and self._logs(self.step + 1):
+            self.diagnostics.before_update()
         if self.graph is not None and self.graph.replay is not None:
             self.graph.step()
         elif self.graph is not None:
@@ -237,6 +241,8 @@ class Trainer:
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": loss,
                "lr": float(self.optimizer.param_groups[0]["lr"]), "samples_per_s": samples_per_s * self.world,
                "prequential_acc": correct.item() / max(1, seen.item())}
+        if self.diagnostics is not None:
+            row.update(self.diagnostics.measure())
         self.log.log(row)
         return self._divergence(loss)
 
@@ -300,7 +306,7 @@ class Trainer:
             if self.graph is not None:
                 self.graph.after_step()
             at_eval = self.at_eval(self.step)
-            at_log = at_eval or self.step % cfg.log_every == 0  # every evaluation gets a fresh train row
+            at_log = self._logs(self.step)
             if at_log or at_eval or self._stop_signal is not None:
                 sync()
                 now = time.perf_counter()
@@ -320,6 +326,10 @@ class Trainer:
                     raise Interrupted(f"by {name} at step {self.step}/{self.total_steps}, checkpoint saved")
                 tick, samples = time.perf_counter(), 0
         self.status = "completed"
+
+    def _logs(self, step: int) -> bool:
+        """Whether ``step`` ends with a train row (every evaluation gets a fresh one)."""
+        return self.at_eval(step) or step % self.cfg.log_every == 0
 
     def at_eval(self, step: int) -> bool:
         """Whether ``step`` ends with an evaluation (and a checkpoint)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -68,23 +69,33 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
     return plans
 
 
-def bracket(sweep_dir: Path, cap: int, label: str = "") -> dict:
+def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = None) -> dict:
     """Extend edge learning rates until each choice is bracketed (see the module doc); returns the
-    record of extensions, also kept in ``<sweep dir>/bracket.json``."""
+    record of extensions, also kept in ``<sweep dir>/bracket.json``. The extensions of one round run
+    side by side, as many at once as leave each seed a CPU (``parallel`` overrides)."""
     extensions = read_extensions(sweep_dir)
     while True:
         runs, _ = load_runs(sweep_dir)
         plans = plan_extensions(runs, extensions, cap)
         if not plans:
             return extensions
-        for i, (key, side, overrides) in enumerate(plans, 1):
-            print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
-                  f"{overrides[-2]}", flush=True)
-            subprocess.run([sys.executable, "-m", "bnp.train", "-m", *overrides], cwd=ROOT, check=True)
-            entry = extensions.setdefault(key, {"low": 0, "high": 0})
-            entry[side] += 1
-            entry["cap"] = cap
+        seeds = max(len(overrides[-1].split("=", 1)[1].split(",")) for _, _, overrides in plans)
+        at_once = parallel or max(1, (os.cpu_count() or 1) // seeds)
+        for start in range(0, len(plans), at_once):
+            batch = plans[start : start + at_once]
+            procs = []
+            for i, (key, side, overrides) in enumerate(batch, start + 1):
+                print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
+                      f"{overrides[-2]}", flush=True)
+                procs.append(subprocess.Popen([sys.executable, "-m", "bnp.train", "-m", *overrides], cwd=ROOT))
+            failed = [p.args for p in procs if p.wait() != 0]
+            for key, side, _ in batch:  # recorded once finished: an interrupted round is planned again
+                entry = extensions.setdefault(key, {"low": 0, "high": 0})
+                entry[side] += 1
+                entry["cap"] = cap
             (Path(sweep_dir) / "bracket.json").write_text(json.dumps(extensions, indent=1, sort_keys=True) + "\n")
+            if failed:
+                raise subprocess.CalledProcessError(1, failed[0])
 
 
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,

@@ -1,0 +1,27 @@
+"""Claim 4, why BNP falls behind BatchNorm on CNNs with global average pooling: the paper's BNP and
+its opt-in variants (configs/norm/bnp_<variant>.yaml) against BatchNorm on the GAP CNN of
+experiments/cnn.py (16-16-32-32, Fashion-MNIST, plain SGD, batch 128, 2 epochs), one seed each
+(the 2-core CPU budget), every learning rate bracketed, per-layer instruments logged.
+
+    python experiments/bnp_variants.py            # -> results/bnp_variants
+    python experiments/bnp_variants.py --smoke    # tiny offline variant (digits)
+
+The same variants on ResNet-20 go through its own experiment, e.g.
+    python experiments/resnet.py --suffix variants train.epochs=2 train.seed=0 norm=bn,bnp,bnp_releps
+"""
+
+from bnp.sweep import run_experiment
+
+VARIANTS = "bnp,bnp_releps,bnp_avgstart,bnp_agc,bnp_skipends"
+GRIDS = [
+    {"norm": "bn", "optim.lr": "0.1,0.3,1", "train.seed": "0"},
+    {"norm": VARIANTS, "optim.lr": "0.03,0.1,0.3", "train.seed": "0"},
+    # each unit's step is divided by its output variance (up to 1 / eps = 100x): smaller lrs
+    {"norm": "bnp_outscale", "optim.lr": "0.003,0.01,0.03", "train.seed": "0"},
+]
+SMOKE_GRIDS = [{"norm": f"bn,{VARIANTS},bnp_outscale", "optim.lr": "0.01", "train.seed": "0"}]
+SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
+               "model.channels=[4,8]", "train.batch_size=8"]
+
+if __name__ == "__main__":
+    run_experiment("bnp_variants", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
