@@ -82,7 +82,9 @@ class SweepProgress(Callback):
         self._file = sweep_dir / PROGRESS_FILE
         self._file.write_text("")  # this invocation's records only
         params = dict(config.hydra.sweeper.get("params") or {})
-        self._total = sweep_size({k: str(v) for k, v in params.items()}, list(config.hydra.overrides.task))
+        trials = config.hydra.sweeper.get("n_trials")  # a searching sweeper (optuna): its trial budget
+        self._total = trials if trials is not None else sweep_size({k: str(v) for k, v in params.items()},
+                                                                   list(config.hydra.overrides.task))
         self._name = config.get("name", sweep_dir.name)
         self._start = time.time()
         self._thread = threading.Thread(target=self._show, daemon=True)

@@ -1,0 +1,92 @@
+"""Learning-rate bracketing in the experiment driver, and the Optuna sweeper: both on tiny runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from bnp.report import lr_bracket, next_lr
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+TINY_RUN = ["data=synthetic", "logger=none", "train.steps=2", "train.eval_every=2", "train.log_every=1",
+            "model.depth=1", "model.width=8", "train.batch_size=16", "train.threads=1"]
+
+
+def test_next_lr_follows_the_grid():
+    assert next_lr([0.01, 0.03, 0.1, 0.3], up=True) == 1.0
+    assert next_lr([0.01, 0.03, 0.1, 0.3], up=False) == 0.003
+    assert next_lr([0.001, 0.003], up=False) == 0.0003
+    assert next_lr([0.02, 0.04, 0.08], up=True) == 0.16  # off the 1-3-10 ladder: the grid's own ratio
+    assert next_lr([0.02, 0.04, 0.08], up=False) == 0.01
+
+
+def frame(rows):
+    return pd.DataFrame([{"lr": lr, "hparams": "", "status": st, "best_val_acc": acc} for lr, st, acc in rows])
+
+
+def test_bracket_labels():
+    runs = frame([(0.01, "completed", 0.5), (0.03, "completed", 0.7), (0.1, "completed", 0.6)])
+    assert lr_bracket(runs, 0.03, "") == "interior"
+    assert lr_bracket(runs, 0.1, "") == "edge"
+    assert lr_bracket(runs, 0.1, "", {"high": 3, "low": 0, "cap": 3}) == "capped"
+    assert lr_bracket(frame([(0.1, "completed", 0.6)]), 0.1, "") == "single"
+    diverged = frame([(0.01, "completed", 0.5), (0.03, "completed", 0.7), (0.1, "diverged", 0.0)])
+    assert lr_bracket(diverged, 0.03, "") == "diverged-beyond"
+
+
+def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
+    """A grid whose best lr is at its edge grows by one grid step per round, up to the cap; a rerun
+    trains nothing new and the table says how each choice is bracketed. Two steps at lrs this small
+    leave every run at the untrained model's accuracy: a tie, which goes to the smallest lr, so the
+    low edge is extended (deterministically) until the cap."""
+    code = (
+        "import sys; from bnp.sweep import run_experiment\n"
+        "run_experiment('quickstart', [{'norm': 'none', 'optim.lr': '0.0001,0.0003', 'train.seed': '0'}],"
+        f" fixed={TINY_RUN!r}, argv=sys.argv[1:])\n"
+    )
+    argv = [sys.executable, "-c", code, "--launcher", "basic", "--out-root", str(tmp_path), "--results",
+            str(tmp_path / "res"), "--bracket-cap", "2", "--suffix", "br"]
+    first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    sweep = tmp_path / "sweeps" / "quickstart_br"
+    record = json.loads((sweep / "bracket.json").read_text())
+    assert list(record.values()) == [{"cap": 2, "high": 0, "low": 2}]
+    runs = pd.read_csv(tmp_path / "res" / "runs.csv")
+    assert sorted(runs["lr"]) == [0.00001, 0.00003, 0.0001, 0.0003]
+    assert runs["commit"].notna().all() and runs["overrides"].str.contains("optim.lr=").all()
+    table = pd.read_csv(tmp_path / "res" / "table.csv")
+    assert table["lr"].tolist() == [0.00001] and table["lr_bracket"].tolist() == ["capped"]
+    assert "**capped**" in (tmp_path / "res" / "table.md").read_text()
+    provenance = (tmp_path / "res" / "PROVENANCE.md").read_text()
+    assert provenance.count("- sweep: `python -m bnp.train -m") == 3  # the grid and both extensions
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0 and "bracketing" not in again.stdout
+    assert len(pd.read_csv(tmp_path / "res" / "runs.csv")) == 4
+
+
+def test_optuna_study_on_digits_resumes_and_reports_the_best_trial(tmp_path):
+    cmd = [sys.executable, "-m", "bnp.train", "-m", "sweeper=optuna_bnp", "norm=bnp", "name=study",
+           f"out_root={tmp_path}", "hydra.sweeper.n_trials=4", *TINY_RUN, "data=digits"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    sweep = tmp_path / "sweeps" / "study"
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(s["best_val_acc"] for s in summaries)
+    # the same command proposes the same trials (seeded sampler): every one is skipped
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("skipped") == 4
+    assert len(list(sweep.glob("*/summary.json"))) == 4
+
+    from bnp.report import main
+
+    main([str(sweep), "--out", str(tmp_path / "rep")])
+    row = pd.read_csv(tmp_path / "rep" / "table.csv").iloc[0]
+    assert row["lr"] == pytest.approx(best["best_params"]["optim.lr"])
+    assert f"eps={best['best_params']['norm.eps']}" in row["hparams"]
