@@ -34,7 +34,8 @@ def test_smoke_variant(name, tmp_path):
     table = pd.read_csv(results / "table.csv")
     assert len(table) >= 2 and list(results.glob("*.png")) and list(results.glob("*.pdf"))
     provenance = (results / "PROVENANCE.md").read_text()
-    assert f"python experiments/{name}.py" in provenance and "commit:" in provenance
+    assert f"python experiments/{name}.py" in provenance and "runs by the commit they ran at" in provenance
+    assert "- sweep: `python -m bnp.train -m" in provenance and "(commit " in provenance
     for summary in (tmp_path / "sweeps").glob("*/*/summary.json"):
         assert '"status": "completed"' in summary.read_text() or "not_applicable" in summary.read_text(), summary
 

@@ -129,8 +129,8 @@ class BNP:
             ``step()`` (gradient accumulation, shared layers) falls back to the reference path for
             that step, exactly; so does training under ``torch.distributed`` (world size > 1).
         moments: how batch moments are computed: "auto" (default: one pass, torch.var_mean, on
-            CUDA; two plain passes, mean then squared deviation, on CPU, where they were 10-15x
-            faster), "one_pass" or "two_pass". The results agree to float rounding.
+            CUDA; two plain passes, mean then squared deviation, on CPU, where they were 5-12x
+            faster: results/bench/moments-cpu.md), "one_pass" or "two_pass". The results agree to float rounding.
 
     Variants (opt-in, each off by default; the paper's BNP is the default):
         eps_relative: the variance floor of a layer is eps x the mean sigma2 of its input features

@@ -204,7 +204,7 @@ class RunningStats:
 
     def _moments_in_one_pass(self, x: torch.Tensor) -> bool:
         """Batch moments in one pass (torch.var_mean, Welford) on GPUs by default; on CPU two plain
-        passes (mean, then squared deviation) were 10-15x faster."""
+        passes (mean, then squared deviation) were 5-12x faster (results/bench/moments-cpu.md)."""
         return x.is_cuda if self.moments == "auto" else self.moments == "one_pass"
 
     def _recurrences(self, mean: torch.Tensor, var: torch.Tensor, rows: list[tuple[torch.Tensor, tuple[int, ...]]],

@@ -1,0 +1,48 @@
+"""How each committed table's learning rates are bracketed, from its runs.csv alone.
+
+    python scripts/bracket_status.py results/*/runs.csv [--out results/bracket_status.md]
+
+For every setting: the chosen lr (best mean validation accuracy, as bnp.report picks it), the lrs
+tried, and the lr_bracket label (interior, diverged-beyond, edge, single). Tables made before the
+driver bracketed learning rates have no bracketing record, so their edges read ``edge``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bnp.report import SETTING, _val_for_choice, lr_bracket, pick_learning_rates
+
+
+def status(runs_csv: Path) -> pd.DataFrame:
+    runs = pd.read_csv(runs_csv)
+    runs["hparams"] = runs["hparams"].fillna("") if "hparams" in runs else ""
+    rows = []
+    for _, chosen in pick_learning_rates(runs).iterrows():
+        group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
+        tried = sorted(_val_for_choice(group[group["hparams"] == chosen["hparams"]])["lr"].unique())
+        rows.append({"results": runs_csv.parent.name, **{k: chosen[k] for k in SETTING}, "lr": chosen["lr"],
+                     "tried": ", ".join(f"{lr:g}" for lr in tried),
+                     "lr_bracket": lr_bracket(group, chosen["lr"], chosen["hparams"])})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs_csv", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    args = parser.parse_args(argv)
+    table = pd.concat([status(p) for p in args.runs_csv], ignore_index=True)
+    text = table.to_markdown(index=False)
+    print(text)
+    if args.out:
+        command = "python scripts/bracket_status.py " + " ".join(str(p) for p in args.runs_csv)
+        args.out.write_text(f"command: `{command} --out {args.out}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
