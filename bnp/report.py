@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
             "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
             "hparams": _hparams(cfg["norm"]), "seed": cfg["train"]["seed"], "status": summary.get("status", "unknown"),
             "reason": summary.get("reason", ""), "commit": summary.get("git_commit") or "unknown",
-            "overrides": " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else "",
+            "overrides": shlex.join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else "",
         }
         for key in ("final_test_acc", "best_val_acc", "test_acc_at_best_val", "final_train_loss", "final_val_acc",
                     "prequential_acc", "wall_time_s", "samples_per_s", "steps"):
