@@ -31,7 +31,7 @@ def table(sweep_dir: Path) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     steps = sorted(c for c in frame.columns if isinstance(c, int))
-    return frame[["run", "status", *steps]].fillna("-")
+    return frame[["run", "status", *steps]].astype(object).fillna("-")
 
 
 def main(argv: list[str] | None = None) -> None:
