@@ -50,8 +50,14 @@ fig-mlp-batch-size: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch siz
 fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> results/online
 	$(PY) experiments/online.py
 
-fig-cnn: setup ## claim 4: CNN on Fashion-MNIST -> results/cnn
+fig-cnn: setup ## claim 4: CNN on Fashion-MNIST, GAP and fc heads, batch 128 and 8 -> results/cnn
 	$(PY) experiments/cnn.py
+
+fig-cnn-fc: setup ## claim 4 on the classic CNN: the fc head at batch 128, one seed (the CPU run) -> results/cnn_fc
+	$(PY) experiments/cnn.py --suffix fc --grids 1 model.head=fc train.seed=0
+
+fig-bnp-variants: setup ## claim 4, why BNP lags BN on the GAP CNN: BNP's variants vs BN, instruments on -> results/bnp_variants
+	$(PY) experiments/bnp_variants.py
 
 fig-cnn-momentum: setup ## claim 4 at a longer budget: CNN, SGD momentum 0.9, cosine, 6 epochs -> results/cnn_momentum
 	$(PY) experiments/cnn_momentum.py
@@ -62,10 +68,10 @@ fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py
 
-reproduce: fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian ## every paper-claim experiment
+reproduce: fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-bnp-variants fig-resnet fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
-	for e in defaults mlp_batch_size online cnn cnn_momentum resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
+	for e in defaults mlp_batch_size online cnn cnn_momentum bnp_variants resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -73,4 +79,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-resnet fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-fc fig-bnp-variants fig-cnn-momentum fig-resnet fig-hessian reproduce smoke
