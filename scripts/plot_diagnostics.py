@@ -1,6 +1,6 @@
 """Plot the per-layer instruments (train.diagnostics=true) of some runs, one line per run.
 
-    python scripts/plot_diagnostics.py RUN_DIR [RUN_DIR ...] --out fig.png [--labels a,b,...]
+    python scripts/plot_diagnostics.py RUN_DIR [RUN_DIR ...] --out fig.png [--labels a,b,...] [--table t.md]
 
 Panels: train loss, and the maximum over layers of each instrument (update/weight ratio, largest
 1/(sigma2+eps), eps-floor share, running-mean and running-variance drift), against the step; then
@@ -66,18 +66,38 @@ def plot(run_dirs: list[Path], labels: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def summary_table(run_dirs: list[Path], labels: list[str]) -> pd.DataFrame:
+    """Per run and logged step: the train loss, the largest and the median update/weight ratio over
+    layers, and BNP's largest 1/(sigma2+eps) and eps-floor share."""
+    rows = []
+    for run_dir, label in zip(run_dirs, labels):
+        for _, r in train_rows(run_dir).iterrows():
+            ratios = [v for k, v in r.items() if k.startswith("diag/update_ratio/") and not k.endswith("/max")]
+            rows.append({"run": label, "step": int(r["step"]), "train_loss": r["train_loss"],
+                         "update_ratio max": r.get("diag/update_ratio/max"),
+                         "update_ratio median": pd.Series(ratios, dtype=float).median(),
+                         "floor_share max": r.get("diag/floor_share/max"),
+                         "max_inv_d2 max": r.get("diag/max_inv_d2/max")})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="figure file (.png or .pdf); a second one, "
                         "<name>_layers, gets the per-layer update ratios")
     parser.add_argument("--labels", default=None, help="comma-separated, one per run (default: directory names)")
+    parser.add_argument("--table", type=Path, default=None, help="also write the per-step numbers as markdown")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [d.name for d in args.run_dirs]
     if len(labels) != len(args.run_dirs):
         parser.error(f"--labels has {len(labels)} names for {len(args.run_dirs)} runs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(args.run_dirs, labels, args.out)
+    if args.table:
+        command = "python scripts/plot_diagnostics.py " + " ".join(str(a) for a in (argv or []))
+        args.table.write_text(f"command: `{command}`\n\n"
+                              + summary_table(args.run_dirs, labels).to_markdown(index=False, floatfmt=".4g") + "\n")
     print(f"written: {args.out}, {args.out.with_name(args.out.stem + '_layers' + args.out.suffix)}")
 
 

@@ -75,7 +75,8 @@ def test_plot_script_draws_the_instruments_of_runs(compose, tmp_path):
     spec = importlib.util.spec_from_file_location("plot_diagnostics", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main([*dirs, "--out", str(tmp_path / "fig.png"), "--labels", "bnp,bn"])
+    module.main([*dirs, "--out", str(tmp_path / "fig.png"), "--labels", "bnp,bn", "--table", str(tmp_path / "t.md")])
+    assert "| bnp " in (tmp_path / "t.md").read_text() and "update_ratio median" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "fig.png").stat().st_size > 10_000 and (tmp_path / "fig_layers.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         module.main([dirs[0], "--out", str(tmp_path / "x.png"), "--labels", "a,b"])
