@@ -1,6 +1,6 @@
 """Claim 4, why BNP falls behind BatchNorm on CNNs with global average pooling: the paper's BNP and
 its opt-in variants (configs/norm/bnp_<variant>.yaml) against BatchNorm on the GAP CNN of
-experiments/cnn.py (16-16-32-32, Fashion-MNIST, plain SGD, 2 epochs) at batch size 32 (3,437 steps),
+experiments/cnn.py (16-16-32-32, Fashion-MNIST, plain SGD, 2 epochs) at batch size 32 (3,374 steps),
 one seed each (the 2-core CPU budget), every learning rate bracketed, per-layer instruments logged.
 
     python experiments/bnp_variants.py            # -> results/bnp_variants
