@@ -34,12 +34,13 @@ def train_rows(run_dir: Path) -> pd.DataFrame:
 def plot(run_dirs: list[Path], labels: list[str], out: Path) -> None:
     frames = [train_rows(d) for d in run_dirs]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for frame, label in zip(frames, labels):
-        axes[0, 0].plot(frame["step"], frame["train_loss"], label=label)
+    for i, (frame, label) in enumerate(zip(frames, labels)):
+        color = f"C{i}"  # one color per run in every panel, also where a run lacks a quantity
+        axes[0, 0].plot(frame["step"], frame["train_loss"], label=label, color=color, marker=".")
         for ax, quantity in zip(axes.flat[1:], QUANTITIES):
             column = f"diag/{quantity}/max"
             if column in frame:
-                ax.plot(frame["step"], frame[column], label=label, marker=".")
+                ax.plot(frame["step"], frame[column], label=label, marker=".", color=color)
     axes[0, 0].set_title("train loss")
     for ax, quantity in zip(axes.flat[1:], QUANTITIES):
         ax.set_title(f"{quantity} (max over layers)")
