@@ -20,7 +20,7 @@ from bnp.report import SETTING, _val_for_choice, lr_bracket, pick_learning_rates
 
 def status(runs_csv: Path) -> pd.DataFrame:
     runs = pd.read_csv(runs_csv)
-    runs["hparams"] = runs["hparams"].fillna("") if "hparams" in runs else ""
+    runs["hparams"] = runs["hparams"].astype(object).fillna("") if "hparams" in runs else ""
     rows = []
     for _, chosen in pick_learning_rates(runs).iterrows():
         group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
