@@ -12,6 +12,7 @@ are counted in the status column, never dropped silently.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -370,7 +371,10 @@ def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | No
     if runs.empty:
         raise SystemExit(f"error: no run directories (config.yaml + summary.json) under {sweep_dir}")
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(runs, curves, target, read_extensions(sweep_dir))
+    extensions = read_extensions(sweep_dir)
+    table = comparison_table(runs, curves, target, extensions)
+    if extensions:  # kept beside runs.csv, so the labels can be recomputed from the results alone
+        (out / "bracket.json").write_text(json.dumps(extensions, indent=1, sort_keys=True) + "\n")
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(_markdown(table))
     (out / "table.tex").write_text(table.to_latex(index=False, escape=True))

@@ -4,30 +4,35 @@
 
 For every setting: the chosen lr (best mean validation accuracy, as bnp.report picks it), the lrs
 tried, and the lr_bracket label (interior, diverged-beyond, edge, single). Tables made before the
-driver bracketed learning rates have no bracketing record, so their edges read ``edge``.
+driver bracketed learning rates have no bracketing record (``bracket.json`` beside runs.csv), so
+their edges read ``edge``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from bnp.report import SETTING, _val_for_choice, lr_bracket, pick_learning_rates
+from bnp.report import SETTING, _val_for_choice, lr_bracket, pick_learning_rates, setting_key
 
 
 def status(runs_csv: Path) -> pd.DataFrame:
     runs = pd.read_csv(runs_csv)
     runs["hparams"] = runs["hparams"].astype(object).fillna("") if "hparams" in runs else ""
+    record = runs_csv.parent / "bracket.json"  # the driver's extensions, copied there by the report
+    extensions = json.loads(record.read_text()) if record.exists() else {}
     rows = []
     for _, chosen in pick_learning_rates(runs).iterrows():
         group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
         tried = sorted(_val_for_choice(group[group["hparams"] == chosen["hparams"]])["lr"].unique())
         rows.append({"results": runs_csv.parent.name, **{k: chosen[k] for k in SETTING}, "lr": chosen["lr"],
                      "tried": ", ".join(f"{lr:g}" for lr in tried),
-                     "lr_bracket": lr_bracket(group, chosen["lr"], chosen["hparams"])})
+                     "lr_bracket": lr_bracket(group, chosen["lr"], chosen["hparams"],
+                                              extensions.get(setting_key(chosen[SETTING])))})
     return pd.DataFrame(rows)
 
 

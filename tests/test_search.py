@@ -87,6 +87,7 @@ def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
     assert label in ("interior", "capped", "diverged-beyond")
     assert (label == "capped") == (lr in (lrs[0], lrs[-1]))
     assert ("**" in (tmp_path / "res" / "table.md").read_text()) == (label != "interior")
+    assert json.loads((tmp_path / "res" / "bracket.json").read_text()) == json.loads((sweep / "bracket.json").read_text())
     provenance = (tmp_path / "res" / "PROVENANCE.md").read_text()
     assert provenance.count("- sweep: `python -m bnp.train -m") == 1 + made  # the grid and each extension
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
