@@ -188,6 +188,14 @@ def lr_bracket(runs: pd.DataFrame, lr: float, hparams: str, extensions: dict | N
     return "interior"
 
 
+def choices(runs: pd.DataFrame):
+    """Per setting: its chosen row (pick_learning_rates), all of its runs, and its usable runs
+    (completed or diverged) at the chosen norm options: what bracketing and its labels look at."""
+    for _, chosen in pick_learning_rates(runs).iterrows():
+        group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
+        yield chosen, group, _val_for_choice(group[group["hparams"] == chosen["hparams"]])
+
+
 def setting_key(values) -> str:
     """The name of a setting in the bracketing record (``<sweep>/bracket.json``)."""
     return "|".join(str(v) for v in values)

@@ -28,8 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnp.report import (SETTING, _val_for_choice, load_runs, lr_bracket, next_lr, pick_learning_rates,
-                        read_extensions, report, setting_key)
+from bnp.report import SETTING, choices, load_runs, lr_bracket, next_lr, read_extensions, report, setting_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,13 +50,11 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
     """(setting key, side, the multirun's overrides) for every setting whose chosen lr sits at an
     edge of the lrs tried that may still be extended."""
     plans = []
-    for _, chosen in pick_learning_rates(runs).iterrows():
+    for chosen, group, tried in choices(runs):
         key = setting_key(chosen[SETTING])
-        group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
         record = {"low": 0, "high": 0, **extensions.get(key, {}), "cap": cap}
         if lr_bracket(group, chosen["lr"], chosen["hparams"], record) != "edge":
             continue
-        tried = _val_for_choice(group[group["hparams"] == chosen["hparams"]])
         lrs = sorted(tried["lr"].unique())
         up = chosen["lr"] == lrs[-1]
         template = shlex.split(tried["overrides"].iloc[0])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnp.report import SETTING, _val_for_choice, lr_bracket, pick_learning_rates, setting_key
+from bnp.report import SETTING, choices, lr_bracket, setting_key
 
 
 def status(runs_csv: Path) -> pd.DataFrame:
@@ -26,9 +26,8 @@ def status(runs_csv: Path) -> pd.DataFrame:
     record = runs_csv.parent / "bracket.json"  # the driver's extensions, copied there by the report
     extensions = json.loads(record.read_text()) if record.exists() else {}
     rows = []
-    for _, chosen in pick_learning_rates(runs).iterrows():
-        group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
-        tried = sorted(_val_for_choice(group[group["hparams"] == chosen["hparams"]])["lr"].unique())
+    for chosen, group, usable in choices(runs):
+        tried = sorted(usable["lr"].unique())
         rows.append({"results": runs_csv.parent.name, **{k: chosen[k] for k in SETTING}, "lr": chosen["lr"],
                      "tried": ", ".join(f"{lr:g}" for lr in tried),
                      "lr_bracket": lr_bracket(group, chosen["lr"], chosen["hparams"],
