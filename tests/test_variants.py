@@ -184,6 +184,44 @@ def test_unit_wise_clipping_limits_each_units_gradient_to_a_share_of_its_weights
     assert torch.cat([model[0].weight.grad[0], model[0].bias.grad[:1]]).norm() <= 0.05 * 1e-3 * (1 + 1e-12)
 
 
+def agc_formula(weight, bias, G, g, clip):
+    """NFNets' unit-wise clipping of the gradient rows [G_i, g_i], written out in float64."""
+    rows = lambda t: t.reshape(t.shape[0], -1)
+    grad_norm = torch.cat([rows(G), g[:, None]], 1).norm(dim=1)
+    weight_norm = torch.cat([rows(weight), bias[:, None]], 1).detach().norm(dim=1)
+    limit = clip * torch.clamp(weight_norm, min=1e-3)
+    factor = torch.where(grad_norm > limit, limit / grad_norm, torch.ones_like(grad_norm))
+    return G * factor.view(-1, *(1,) * (G.dim() - 1)), g * factor, int((factor < 1).sum())
+
+
+@pytest.mark.parametrize("make, fast", [(net, False), (net, True), (conv_net, False)])
+def test_clipping_without_preconditioning_is_agc_on_the_raw_gradients(make, fast):
+    """configs/norm/agc.yaml, the control for bnp_agc: center and scale off leave the plain gradient,
+    which is then clipped; compared with a model that had no BNP at all."""
+    gen = torch.Generator().manual_seed(7)
+    model, raw = make(), make()
+    if make is net:
+        x, y = skewed(32, 6, gen=gen), 10 * torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    else:
+        x, y = skewed(4, 3, 7, 7, gen=gen), 10 * torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    pre = BNP(model, center=False, scale=False, clip=0.05, fast=fast)
+    for _ in range(2):  # the second step runs with statistics from the first
+        train_step(model, pre, x, y)
+        raw.zero_grad()
+        F.mse_loss(raw(x), y).backward()
+        clipped = 0
+        for got, want in zip([m for m in model if m.__class__ is not nn.Tanh], [m for m in raw if m.__class__ is not nn.Tanh]):
+            G_t, g_t, n = agc_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.05)
+            clipped += n
+            torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
+        assert clipped >= 2  # the clipping is exercised, not only the pass-through
+        with torch.no_grad():  # the same plain SGD step on both, so the second step compares again
+            for a, b in zip(model.parameters(), raw.parameters()):
+                a.sub_(0.01 * a.grad)
+                b.copy_(a)
+
+
 def test_skip_first_and_last_layer_by_position():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
     assert BNP(model, skip=["@first"]).names == ["2", "4"]
