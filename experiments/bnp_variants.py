@@ -20,8 +20,9 @@ GRIDS = [  # two lrs each where experiments/cnn.py found the optimum; bracketing
     {"norm": "bnp_outscale", "optim.lr": "0.01,0.03", "train.seed": "0"},
     # the control for bnp_agc: the same clipping without preconditioning (none won at 0.1 in experiments/cnn.py)
     {"norm": "agc", "optim.lr": "0.1,0.3", "train.seed": "0"},
+    {"norm": "none", "optim.lr": "0.1,0.3", "train.seed": "0"},  # and the plain network it clips
 ]
-SMOKE_GRIDS = [{"norm": f"bn,{VARIANTS},bnp_outscale,agc", "optim.lr": "0.01", "train.seed": "0"}]
+SMOKE_GRIDS = [{"norm": f"none,bn,{VARIANTS},bnp_outscale,agc", "optim.lr": "0.01", "train.seed": "0"}]
 SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
                "model.channels=[4,8]", "train.batch_size=8"]
 
