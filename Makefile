@@ -35,6 +35,7 @@ bench: setup ## step time of each norm vs plain SGD (MLP, CNN, ResNet-20; batch 
 
 run: setup ## quickstart: MLP on digits, norm x batch size x lr sweep -> results/quickstart/
 	$(PY) -m bnp.train -m experiment=quickstart launcher=local
+	$(PY) -m bnp.sweep outputs/sweeps/quickstart
 	$(PY) -m bnp.report outputs/sweeps/quickstart --out results/quickstart
 
 report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/NAME [OUT=dir]

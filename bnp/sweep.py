@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnp.report import SETTING, choices, load_runs, lr_bracket, next_lr, read_extensions, report, setting_key
+from bnp.report import SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report, setting_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,3 +139,28 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
             f.write(f"- wall time of this invocation: {time.time() - started:.0f} s\n")
     print(f"[experiment {sweep_name}] report in {results}")
     return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bnp.sweep SWEEP_DIR``: bracket the learning rates of any finished sweep (one run
+    with plain ``python -m bnp.train -m``), as the experiment files do after their grids."""
+    parser = argparse.ArgumentParser(prog="python -m bnp.sweep", description=main.__doc__.split(":", 1)[1].strip())
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/sweeps/quickstart")
+    parser.add_argument("--cap", type=int, default=3, help="lr extensions per edge of a setting (default 3)")
+    parser.add_argument("--parallel", type=int, default=None, help="extensions run at once (default: CPUs / seeds)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"sweep_dir: {args.sweep_dir} is not a directory (expected a sweep, e.g. outputs/sweeps/NAME)")
+    if args.cap < 1:
+        parser.error(f"--cap: expected an integer >= 1, got {args.cap}")
+    if args.parallel is not None and args.parallel < 1:
+        parser.error(f"--parallel: expected an integer >= 1, got {args.parallel}")
+    if not find_runs(args.sweep_dir):
+        parser.error(f"sweep_dir: no runs under {args.sweep_dir} (expected the directory a multirun wrote)")
+    extensions = bracket(args.sweep_dir, args.cap, args.sweep_dir.name, args.parallel)
+    print(f"[bracket {args.sweep_dir.name}] done; extensions per setting in {args.sweep_dir / 'bracket.json'}: "
+          f"{sum(e['low'] + e['high'] for e in extensions.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -93,6 +93,21 @@ def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert again.returncode == 0 and "bracketing" not in again.stdout
     assert len(pd.read_csv(tmp_path / "res" / "runs.csv")) == 2 + made
+    cli = subprocess.run([sys.executable, "-m", "bnp.sweep", str(sweep)], cwd=ROOT, capture_output=True, text=True,
+                         env=ENV, timeout=600)  # the same bracketing for any sweep: nothing left to do
+    assert cli.returncode == 0 and "bracketing" not in cli.stdout and f"json: {made}" in cli.stdout, cli.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["missing"], "sweep_dir: "), (["empty", "--cap", "0"], "--cap: "),
+                                           (["empty"], "sweep_dir: no runs"),
+                                           (["empty", "--parallel", "0"], "--parallel: ")])
+def test_bracketing_cli_names_the_bad_argument(tmp_path, capsys, args, message):
+    from bnp.sweep import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / args[0]), *args[1:]])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_optuna_study_on_digits_resumes_and_reports_the_best_trial(tmp_path):
