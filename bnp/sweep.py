@@ -15,6 +15,7 @@ best mean validation accuracy sits at an edge of the lrs tried gets one more lr 
 the lr beyond it diverged, or ``--bracket-cap`` extensions were made on that side. The extensions
 are recorded in ``<sweep dir>/bracket.json`` when they finish, so an interrupted run resumes them;
 the report labels each choice (``lr_bracket``: interior, diverged-beyond, capped, edge, single).
+``python -m bnp.sweep SWEEP_DIR`` brackets a sweep that was run without an experiment file.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     if not find_runs(args.sweep_dir):
         parser.error(f"sweep_dir: no runs under {args.sweep_dir} (expected the directory a multirun wrote)")
     extensions = bracket(args.sweep_dir, args.cap, args.sweep_dir.name, args.parallel)
-    print(f"[bracket {args.sweep_dir.name}] done; extensions per setting in {args.sweep_dir / 'bracket.json'}: "
-          f"{sum(e['low'] + e['high'] for e in extensions.values())}")
+    made = sum(e["low"] + e["high"] for e in extensions.values())
+    print(f"[bracket {args.sweep_dir.name}] done: {made} lr extensions (per setting: {args.sweep_dir / 'bracket.json'})")
 
 
 if __name__ == "__main__":

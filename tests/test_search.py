@@ -95,7 +95,7 @@ def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
     assert len(pd.read_csv(tmp_path / "res" / "runs.csv")) == 2 + made
     cli = subprocess.run([sys.executable, "-m", "bnp.sweep", str(sweep)], cwd=ROOT, capture_output=True, text=True,
                          env=ENV, timeout=600)  # the same bracketing for any sweep: nothing left to do
-    assert cli.returncode == 0 and "bracketing" not in cli.stdout and f"json: {made}" in cli.stdout, cli.stderr
+    assert cli.returncode == 0 and "bracketing" not in cli.stdout and f"done: {made} lr extensions" in cli.stdout, cli.stderr
 
 
 @pytest.mark.parametrize("args, message", [(["missing"], "sweep_dir: "), (["empty", "--cap", "0"], "--cap: "),
