@@ -50,6 +50,26 @@ def test_instruments_equal_their_formulas():
     assert out["diag/update_ratio/max"] == max(out["diag/update_ratio/0"], out["diag/update_ratio/2"])
 
 
+@pytest.mark.parametrize("center, scale, expected", [(True, False, {"update_ratio", "mean_drift", "var_drift"}),
+                                                      (False, False, {"update_ratio"})])
+def test_statistics_instruments_only_where_the_statistics_act(center, scale, expected):
+    """Without scaling there is no sigma2 + eps to report; without centering or scaling (norm=agc) the
+    statistics change nothing, so only the update ratio is measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    pre = BNP(model, center=center, scale=scale, clip=1.0)
+    diag = Diagnostics(model, pre)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(16, 5)), torch.randint(0, 3, (16,))).backward()
+        pre.step()
+        diag.before_update()
+        opt.step()
+        out = diag.measure()
+    assert {key.split("/")[1] for key in out} == expected
+
+
 @pytest.mark.parametrize("norm", ["bnp", "bn"])
 def test_runs_log_the_instruments_when_asked(compose, tmp_path, norm):
     cfg = compose(*TINY, "data=synthetic", f"norm={norm}", "train.steps=12", "train.log_every=4",

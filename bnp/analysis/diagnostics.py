@@ -5,7 +5,8 @@ At each log step (``train.diagnostics=true`` adds them to the train rows of metr
 
 - ``update_ratio``: ||W_after - W_before|| / ||W_before|| of that step's optimizer update (the
   quantity AGC and LARS bound; BatchNorm keeps it small as weights grow);
-and under BNP, from its running input statistics:
+and under BNP, from its running input statistics (the first two only when BNP scales, none of them
+when it neither centers nor scales, as in ``norm=agc``):
 - ``max_inv_d2``: the largest 1 / (sigma2 + eps), the most a gradient entry is multiplied by;
 - ``floor_share``: the share of input features whose sigma2 is below the floor eps (where the floor,
   not the data, sets the step);
@@ -43,15 +44,16 @@ class Diagnostics:
                 old = self._before[name]
                 out[f"diag/update_ratio/{name}"] = ((module.weight - old).norm() / old.norm().clamp_min(1e-30)).item()
             self._before = None
-        if self.pre is not None:
+        if self.pre is not None and (self.pre.center or self.pre.scale):  # else the statistics act on nothing
             running = self.pre.running
             running.fold()
-            d2 = running.denominator()
-            floor = d2 - running.var
-            for layer in self.pre._layers:
-                s = layer.span
-                out[f"diag/max_inv_d2/{layer.name}"] = d2[s].min().reciprocal().item()
-                out[f"diag/floor_share/{layer.name}"] = (running.var[s] < floor[s]).float().mean().item()
+            if self.pre.scale:  # the divisor sigma2 + eps exists only when BNP scales
+                d2 = running.denominator()
+                floor = d2 - running.var
+                for layer in self.pre._layers:
+                    s = layer.span
+                    out[f"diag/max_inv_d2/{layer.name}"] = d2[s].min().reciprocal().item()
+                    out[f"diag/floor_share/{layer.name}"] = (running.var[s] < floor[s]).float().mean().item()
             if self._stats is not None:
                 old_mean, old_var = self._stats
                 for layer in self.pre._layers:
