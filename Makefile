@@ -63,6 +63,9 @@ fig-bnp-variants: setup ## claim 4, why BNP lags BN on the GAP CNN: BNP's varian
 fig-cnn-momentum: setup ## claim 4 at a longer budget: CNN, SGD momentum 0.9, cosine, 6 epochs -> results/cnn_momentum
 	$(PY) experiments/cnn_momentum.py
 
+fig-cnn-classic: setup ## claim 4 on a classic 32-64-128 CNN with an fc head: none/bn/bnp, BNP momentum 0.01, one seed -> results/cnn_classic
+	$(PY) experiments/cnn_classic.py
+
 fig-cnn-momentum-variants: setup ## claim 4's momentum target: BN vs BNP, BNP+clipping and clipping alone, one seed -> results/cnn_momentum_variants
 	$(PY) experiments/cnn_momentum_variants.py --bracket-cap 2
 
@@ -72,10 +75,10 @@ fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py
 
-reproduce: fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-hessian ## every paper-claim experiment
+reproduce: fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
-	for e in defaults mlp_batch_size online cnn cnn_momentum cnn_momentum_variants bnp_variants resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
+	for e in defaults mlp_batch_size online cnn cnn_classic cnn_momentum cnn_momentum_variants bnp_variants resnet hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -83,4 +86,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-fc fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-fc fig-cnn-classic fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-hessian reproduce smoke
