@@ -2,7 +2,9 @@
 
 A Hydra callback (configs/config.yaml, ``hydra.callbacks.progress``): every finished job appends
 its status to ``<sweep dir>/.progress.jsonl`` (from whichever process ran it: the launcher's own,
-a joblib worker, a submitit job), and a thread of the launching process reads that file and shows
+a joblib worker, a submitit job), tagged with the multirun that launched it (several may share a
+sweep directory at once, as the bracketing extensions do), and a thread of the launching process
+reads its own records from that file and shows
 a live bar in a terminal or, when the output is a file, a plain line every ``interval`` seconds
 and one at the end. Runs print their own per-step lines only outside sweeps (``train.verbose=true``
 brings them back); a run that diverges or fails prints one line with the reason.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 import sys
 import threading
 import time
@@ -26,6 +30,7 @@ from omegaconf import DictConfig
 
 STATUSES = ("completed", "diverged", "failed", "not_applicable")
 PROGRESS_FILE = ".progress.jsonl"
+TOKEN_ENV = "BNP_MULTIRUN_TOKEN"  # also passed through the environment, for launchers that rebuild callbacks
 
 
 def sweep_size(params: dict[str, str], task: list[str]) -> int | None:
@@ -64,13 +69,14 @@ def describe(counts: Counter, total: int | None, elapsed: float, fresh: int) -> 
 class SweepProgress(Callback):
     """The Hydra callback: records each job's end; shows the sweep's progress while it runs."""
 
-    def __init__(self, interval: float = 30.0):
+    def __init__(self, interval: float = 30.0, token: str | None = None):
         self.interval = interval
+        self._token = token  # this multirun's tag on its jobs' records
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict:  # launchers pickle the callbacks into their jobs: no thread, no lock
-        return {"interval": self.interval}
+        return {"interval": self.interval, "token": self._token}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -80,7 +86,8 @@ class SweepProgress(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._file = sweep_dir / PROGRESS_FILE
-        self._file.write_text("")  # this invocation's records only
+        self._file.touch()
+        self._token = os.environ[TOKEN_ENV] = uuid.uuid4().hex
         params = dict(config.hydra.sweeper.get("params") or {})
         trials = config.hydra.sweeper.get("n_trials")  # a searching sweeper (optuna): its trial budget
         self._total = trials if trials is not None else sweep_size({k: str(v) for k, v in params.items()},
@@ -99,6 +106,8 @@ class SweepProgress(Callback):
         counts, fresh = Counter(), 0
         for line in self._file.read_text().splitlines():
             with_status = json.loads(line)
+            if with_status.get("token") != self._token:  # another multirun's job in the same directory
+                continue
             counts[with_status["status"]] += 1
             fresh += not with_status.get("skipped", False)
         return counts, fresh
@@ -134,6 +143,7 @@ class SweepProgress(Callback):
         if HydraConfig.get().mode.name != "MULTIRUN":
             return
         summary = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
-        record = {"status": (summary or {}).get("status", "failed"), "skipped": bool((summary or {}).get("skipped"))}
+        record = {"status": (summary or {}).get("status", "failed"), "skipped": bool((summary or {}).get("skipped")),
+                  "token": self._token or os.environ.get(TOKEN_ENV)}
         with open(Path(HydraConfig.get().sweep.dir) / PROGRESS_FILE, "a") as f:  # one short append: atomic
             f.write(json.dumps(record) + "\n")

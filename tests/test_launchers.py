@@ -51,3 +51,23 @@ def test_sweep_size_and_progress_line():
     line = describe(Counter(completed=35, diverged=2), 180, 192.0, fresh=37)
     assert line == ("37/180 runs done (35 completed, 2 diverged, 0 failed, 0 not applicable), 3m12s, "
                     "about 12m22s left")
+
+
+def test_progress_counts_only_its_own_multiruns_jobs(tmp_path):
+    """Multiruns that share a sweep directory at once (the bracketing extensions) each count their
+    own jobs: the records carry the launching multirun's token, which travels with the pickled
+    callback into the job processes."""
+    import json
+    import pickle
+
+    from bnp.progress import PROGRESS_FILE, SweepProgress
+
+    mine, other = SweepProgress(token="mine"), SweepProgress(token="other")
+    job_side = pickle.loads(pickle.dumps(mine))  # what a joblib / submitit job gets
+    assert job_side._token == "mine"
+    records = [("mine", "completed"), ("other", "completed"), ("other", "diverged"), ("mine", "diverged")]
+    (tmp_path / PROGRESS_FILE).write_text("".join(json.dumps({"status": s, "token": t}) + "\n" for t, s in records))
+    for callback in (mine, other):
+        callback._file = tmp_path / PROGRESS_FILE
+    assert mine._read() == ({"completed": 1, "diverged": 1}, 2)
+    assert other._read() == ({"completed": 1, "diverged": 1}, 2)
