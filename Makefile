@@ -54,7 +54,7 @@ fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> res
 fig-cnn: setup ## claim 4: CNN on Fashion-MNIST, GAP and fc heads, batch 128 and 8 -> results/cnn
 	$(PY) experiments/cnn.py
 
-fig-cnn-fc: setup ## claim 4 on the classic CNN: the fc head at batch 128 and 8, one seed (the CPU run) -> results/cnn_fc
+fig-cnn-fc: setup ## claim 4 with the fc head (16-16-32-32) at batch 128 and 8, one seed (the CPU run) -> results/cnn_fc
 	$(PY) experiments/cnn.py --suffix fc --grids 1,2 model.head=fc train.seed=0
 
 fig-bnp-variants: setup ## claim 4, why BNP lags BN on the GAP CNN: BNP's variants vs BN, instruments on -> results/bnp_variants
