@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
