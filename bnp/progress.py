@@ -74,6 +74,7 @@ class SweepProgress(Callback):
         self._token = token  # this multirun's tag on its jobs' records
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._offset, self._counts, self._fresh = 0, Counter(), 0  # how far _read got, and what it found
 
     def __getstate__(self) -> dict:  # launchers pickle the callbacks into their jobs: no thread, no lock
         return {"interval": self.interval, "token": self._token}
@@ -103,14 +104,20 @@ class SweepProgress(Callback):
             self._thread.join()
 
     def _read(self) -> tuple[Counter, int]:
-        counts, fresh = Counter(), 0
-        for line in self._file.read_text().splitlines():
-            with_status = json.loads(line)
-            if with_status.get("token") != self._token:  # another multirun's job in the same directory
+        """This multirun's counts so far. Reads only what was appended since the last call (the file
+        is shared and only grows), and only whole lines (a job may be mid-append)."""
+        with open(self._file, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        whole = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(whole)
+        for line in whole.decode().splitlines():
+            record = json.loads(line)
+            if record.get("token") != self._token:  # another multirun's job in the same directory
                 continue
-            counts[with_status["status"]] += 1
-            fresh += not with_status.get("skipped", False)
-        return counts, fresh
+            self._counts[record["status"]] += 1
+            self._fresh += not record.get("skipped", False)
+        return self._counts, self._fresh
 
     def _show(self) -> None:
         bar = None

@@ -71,3 +71,10 @@ def test_progress_counts_only_its_own_multiruns_jobs(tmp_path):
         callback._file = tmp_path / PROGRESS_FILE
     assert mine._read() == ({"completed": 1, "diverged": 1}, 2)
     assert other._read() == ({"completed": 1, "diverged": 1}, 2)
+    # later reads take only what was appended since, and never half a line (a job mid-append)
+    with open(tmp_path / PROGRESS_FILE, "a") as f:
+        f.write(json.dumps({"status": "completed", "token": "mine", "skipped": True}) + "\n" + '{"status": "fai')
+    assert mine._read() == ({"completed": 2, "diverged": 1}, 2)
+    with open(tmp_path / PROGRESS_FILE, "a") as f:
+        f.write('led", "token": "mine"}\n')
+    assert mine._read() == ({"completed": 2, "diverged": 1, "failed": 1}, 3)
