@@ -97,7 +97,11 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
 
 
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
-                   smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None) -> Path:
+                   smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None,
+                   experiment: str | None = None) -> Path:
+    """``name``: the experiment file's name, which names its sweep and results; ``experiment``: the
+    configs/experiment/ config its runs use, if not the one of the same name (a variant of another
+    experiment's setting)."""
     parser = argparse.ArgumentParser(description=f"experiment {name}: sweep + report")
     parser.add_argument("--smoke", action="store_true", help="tiny offline variant (about a minute on CPU)")
     parser.add_argument("--launcher", default=None, help="basic | local (default: local, smoke: basic)")
@@ -121,7 +125,7 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
         if not all(1 <= i <= len(grids) for i in picked):
             parser.error(f"--grids {args.grids}: this experiment has grids 1..{len(grids)}")
         grids = [grids[i - 1] for i in picked]
-    cmds = commands(name, sweep_name, grids, [*fixed, *args.overrides], launcher, args.out_root)
+    cmds = commands(experiment or name, sweep_name, grids, [*fixed, *args.overrides], launcher, args.out_root)
     sweep_dir = Path(args.out_root) / "sweeps" / sweep_name
     started = time.time()
     if not args.report_only:

@@ -13,10 +13,18 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py"))
 
 
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_one_experiment_file_per_claim():
+    """Each file runs the config of its own name, or names another experiment's (EXPERIMENT)."""
     assert {"mlp_batch_size", "online", "cnn", "resnet"} <= set(EXPERIMENTS)
     configs = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
-    assert set(EXPERIMENTS) <= configs
+    assert {getattr(load(name), "EXPERIMENT", name) for name in EXPERIMENTS} <= configs
 
 
 END_TO_END = {"mlp_batch_size"}  # the default suite runs this one; make test-all runs every one
@@ -45,9 +53,7 @@ def test_every_grid_point_is_a_valid_config(name, compose):
     """Each experiment's sweeps (full and smoke) compose and validate at every grid point."""
     from bnp.config import validate
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load(name)
     grids = [(g, getattr(module, "FIXED", [])) for g in getattr(module, "GRIDS", [])]
     grids += [(g, getattr(module, "SMOKE_FIXED", [])) for g in getattr(module, "SMOKE_GRIDS", [])]
     if not grids:  # an experiment with its own driver (hessian.py): its smoke variant is the check
@@ -59,4 +65,4 @@ def test_every_grid_point_is_a_valid_config(name, compose):
         points = {tuple({**first, k: value}.items()) for k, v in grid.items()
                   if k not in ("train.seed", "optim.lr") for value in v.split(",")}
         for point in sorted(points):
-            validate(compose(f"experiment={name}", *fixed, *(f"{k}={v}" for k, v in point)))
+            validate(compose(f"experiment={getattr(module, 'EXPERIMENT', name)}", *fixed, *(f"{k}={v}" for k, v in point)))
