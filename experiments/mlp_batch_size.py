@@ -4,17 +4,18 @@
     python experiments/mlp_batch_size.py --suffix mnist data=mnist       # the same on MNIST
     python experiments/mlp_batch_size.py --smoke         # tiny offline variant (digits), about a minute
 
-The learning-rate grid moves with the batch size (4 values each; at batch sizes 1 and 2 it starts at
-0.0003, because BNP's, LayerNorm's and BatchNorm's best sat at 0.001, the lowest of an earlier
-0.001-0.03 grid); the driver extends any grid whose best sits at an edge (bnp.sweep), and the report
-picks each method's learning rate by mean validation accuracy over seeds.
+The learning-rate grid moves with the batch size (4 values each; at batch sizes 1 and 2, 3 values
+per method around its best in an earlier 0.001-0.03 grid, where BNP's, LayerNorm's and BatchNorm's
+best sat at its lowest lr); the driver extends any grid whose best sits at an edge (bnp.sweep), and
+the report picks each method's learning rate by mean validation accuracy over seeds.
 """
 
 from bnp.sweep import run_experiment
 
 NORMS, SEEDS = "none,bn,bnp,ln", "0,1,2"
 GRIDS = [
-    {"norm": NORMS, "train.batch_size": "1,2", "optim.lr": "0.0003,0.001,0.003,0.01", "train.seed": SEEDS},
+    {"norm": "none", "train.batch_size": "1,2", "optim.lr": "0.001,0.003,0.01", "train.seed": SEEDS},
+    {"norm": "bn,bnp,ln", "train.batch_size": "1,2", "optim.lr": "0.0003,0.001,0.003", "train.seed": SEEDS},
     {"norm": NORMS, "train.batch_size": "8,32", "optim.lr": "0.003,0.01,0.03,0.1", "train.seed": SEEDS},
     {"norm": NORMS, "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1,0.3", "train.seed": SEEDS},
 ]
