@@ -43,6 +43,10 @@ def plan(train_samples: int, cfg: TrainConfig) -> tuple[int, int]:
 class Interrupted(KeyboardInterrupt):
     """Training stopped by a signal after saving a resumable checkpoint."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
@@ -323,7 +327,8 @@ class Trainer:
                     progress(self)
                 if self._stop_signal is not None:
                     name = signal.Signals(self._stop_signal).name
-                    raise Interrupted(f"by {name} at step {self.step}/{self.total_steps}, checkpoint saved")
+                    raise Interrupted(f"by {name} at step {self.step}/{self.total_steps}, checkpoint saved",
+                                      self._stop_signal)
                 tick, samples = time.perf_counter(), 0
         self.status = "completed"
 

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +218,12 @@ def main(cfg: DictConfig) -> RunResult:
     except KeyboardInterrupt as err:
         where = str(err) if isinstance(err, Interrupted) else "before training started"
         print(f"[bnp] {run_dir}: interrupted {where}; run the same command again to resume", file=sys.stderr)
+        if getattr(err, "signum", None) == signal.SIGTERM:
+            # end as SIGTERM asked: a parallel sweep's worker must not outlive its killed launcher,
+            # idle or taking the jobs still queued for it
+            sys.stdout.flush(), sys.stderr.flush()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         sys.exit(130)
     except Exception as err:
         if os.environ.get("BNP_TRACEBACK"):

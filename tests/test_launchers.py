@@ -78,3 +78,55 @@ def test_progress_counts_only_its_own_multiruns_jobs(tmp_path):
     with open(tmp_path / PROGRESS_FILE, "a") as f:
         f.write('led", "token": "mine"}\n')
     assert mine._read() == ({"completed": 2, "diverged": 1, "failed": 1}, 3)
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (zombies, which nothing may reap in a
+    container, do not count)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while being read
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_sigterm_to_a_local_sweep_stops_every_worker(tmp_path):
+    """`kill -- -PGID` (SIGTERM to the sweep's process group, as a scheduler or a user stopping it
+    does): every joblib worker checkpoints its run and exits, and none goes on to the jobs still
+    queued for it."""
+    import signal
+    import time
+
+    from bnp.log import read_metrics
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bnp.train", "-m", "launcher=local", "hydra.launcher.n_jobs=2", "logger=none",
+           "data=digits", "model.width=16", "train.batch_size=1", "train.steps=1000000", "train.log_every=100",
+           "train.eval_every=1000000", "train.seed=0,1,2,3,4,5", f"out_root={tmp_path}", "name=term"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    sweep = tmp_path / "sweeps" / "term"
+    try:
+        while proc.poll() is None:  # until both workers' runs have logged (progress, not a clock)
+            logged = [m for m in sweep.glob("*/metrics.jsonl") if any("train_loss" in r for r in read_metrics(m))]
+            if len(logged) == 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=600)
+        deadline = time.monotonic() + 300  # a cap for a hung worker, far above the step boundary it needs
+        while _live_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _live_members(proc.pid), "workers still running after SIGTERM"
+    finally:
+        for pid in _live_members(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    started = sorted(p.parent.name for p in sweep.glob("*/metrics.jsonl"))
+    assert len(started) == 2, started  # no worker took a queued job after the signal
+    assert all((sweep / name / "checkpoint.pt").exists() for name in started)
