@@ -41,11 +41,15 @@ def plan(train_samples: int, cfg: TrainConfig) -> tuple[int, int]:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped by a signal after saving a resumable checkpoint."""
+    """Training stopped by a signal after saving a resumable checkpoint (``finished``: the signal
+    came as the run ended, whose summary is written)."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int = signal.SIGINT, finished: bool = False):
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.finished = signum, finished
+
+    def __reduce__(self):  # picklable with its fields (a job's exception may cross processes)
+        return type(self), (str(self), self.signum, self.finished)
 
 
 def first_line(err: BaseException) -> str:
@@ -113,7 +117,7 @@ class Trainer:
         self.last_train_loss, self.last_eval = None, {}
         self.initial_loss = None  # the untrained model's validation loss: the divergence rule's scale
         self.status, self.reason = "running", None  # reason: why a run diverged
-        self._stop_signal = None
+        self.stop_signal = None
         self._epoch_cache = (-1, None, None)
         # train.cuda_graph (what it cannot do is refused by bnp.config.check_cuda_graph); ``capture``
         # replaces the CUDA capture (the CPU tests pass a stand-in)
@@ -278,7 +282,7 @@ class Trainer:
         return None if math.isfinite(val_loss) else f"validation loss is {val_loss}"
 
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
+        self.stop_signal = signum
 
     def run(self, progress=None) -> dict:
         """Train to ``total_steps`` (from wherever the state is); returns the summary fields."""
@@ -311,7 +315,7 @@ class Trainer:
                 self.graph.after_step()
             at_eval = self.at_eval(self.step)
             at_log = self._logs(self.step)
-            if at_log or at_eval or self._stop_signal is not None:
+            if at_log or at_eval or self.stop_signal is not None:
                 sync()
                 now = time.perf_counter()
                 self.train_seconds += now - tick
@@ -321,14 +325,14 @@ class Trainer:
                 if reason is not None:
                     self.status, self.reason = "diverged", f"step {self.step}: {reason}"
                     return
-                if at_eval or self._stop_signal is not None:
+                if at_eval or self.stop_signal is not None:
                     self.save()
                 if progress is not None:
                     progress(self)
-                if self._stop_signal is not None:
-                    name = signal.Signals(self._stop_signal).name
+                if self.stop_signal is not None:
+                    name = signal.Signals(self.stop_signal).name
                     raise Interrupted(f"by {name} at step {self.step}/{self.total_steps}, checkpoint saved",
-                                      self._stop_signal)
+                                      self.stop_signal)
                 tick, samples = time.perf_counter(), 0
         self.status = "completed"
 

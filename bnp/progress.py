@@ -75,6 +75,7 @@ class SweepProgress(Callback):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._offset, self._counts, self._fresh = 0, Counter(), 0  # how far _read got, and what it found
+        self._identity = None  # (inode, device) of the file _read is reading
 
     def __getstate__(self) -> dict:  # launchers pickle the callbacks into their jobs: no thread, no lock
         return {"interval": self.interval, "token": self._token}
@@ -105,17 +106,30 @@ class SweepProgress(Callback):
 
     def _read(self) -> tuple[Counter, int]:
         """This multirun's counts so far. Reads only what was appended since the last call (the file
-        is shared and only grows), and only whole lines (a job may be mid-append)."""
+        is shared and only grows), and only whole lines (a job may be mid-append); starts over if
+        the file was replaced or truncated, and skips a line it cannot parse."""
+        try:
+            stat = self._file.stat()
+        except FileNotFoundError:  # removed under a running sweep: count what comes from now on
+            stat = None
+        if stat is None or (stat.st_ino, stat.st_dev) != self._identity or stat.st_size < self._offset:
+            self._offset, self._counts, self._fresh = 0, Counter(), 0
+            self._identity = None if stat is None else (stat.st_ino, stat.st_dev)
+            if stat is None:
+                return self._counts, self._fresh
         with open(self._file, "rb") as f:
             f.seek(self._offset)
             chunk = f.read()
         whole = chunk[: chunk.rfind(b"\n") + 1]
         self._offset += len(whole)
-        for line in whole.decode().splitlines():
-            record = json.loads(line)
-            if record.get("token") != self._token:  # another multirun's job in the same directory
+        for line in whole.decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a torn line (appends need not be atomic on a network file system)
                 continue
-            self._counts[record["status"]] += 1
+            if not isinstance(record, dict) or record.get("token") != self._token:  # another multirun's job
+                continue
+            self._counts[record.get("status", "failed")] += 1
             self._fresh += not record.get("skipped", False)
         return self._counts, self._fresh
 

@@ -37,12 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
              out_root: str) -> list[list[str]]:
     """One multirun per grid. An override of a grid key (e.g. ``norm=none,bnp``) replaces that
-    key's values in every grid instead of being passed twice."""
+    key's values in every grid instead of being passed twice; grids without that key get it as
+    they get any other override."""
     replaced = dict(o.split("=", 1) for o in fixed if "=" in o and any(o.split("=", 1)[0] in g for g in grids))
     fixed = [o for o in fixed if o.split("=", 1)[0] not in replaced]
     return [
         [sys.executable, "-m", "bnp.train", "-m", f"experiment={name}", f"name={sweep_name}", f"launcher={launcher}",
-         f"out_root={out_root}", *fixed, *(f"{k}={replaced.get(k, v)}" for k, v in grid.items())]
+         f"out_root={out_root}", *fixed, *(f"{k}={v}" for k, v in replaced.items() if k not in grid),
+         *(f"{k}={replaced.get(k, v)}" for k, v in grid.items())]
         for grid in grids
     ]
 
@@ -138,8 +140,9 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     results = Path(args.results or (ROOT / "results" / sweep_name))
     report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
     with open(results / "PROVENANCE.md", "a") as f:
+        ran = "report only" if args.report_only else f"{len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)}"
         f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
-                f" ({len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)})\n")
+                f" ({ran})\n")
         if not args.report_only:
             f.write(f"- wall time of this invocation: {time.time() - started:.0f} s\n")
     print(f"[experiment {sweep_name}] report in {results}")

@@ -138,7 +138,7 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
 def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, capture, rank: int,
            world: int) -> dict:
     summary = {**base, "status": "failed", "processes": world}
-    log = None
+    log = trainer = None
     try:
         torch.set_flush_denormal(True)  # denormal floats (underflowing values) are 100x slower on CPUs
         device = distributed.local_device(resolve_device(config))
@@ -182,6 +182,10 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
             write_json(run_dir / "summary.json", summary)
         if log is not None:
             log.close(summary)
+    if trainer is not None and trainer.stop_signal is not None:  # it came as the run ended: honoured all the same
+        name = signal.Signals(trainer.stop_signal).name
+        raise Interrupted(f"by {name} as the run ended ({summary['status']}, summary written)", trainer.stop_signal,
+                          finished=True)
     return summary
 
 
@@ -217,7 +221,8 @@ def main(cfg: DictConfig) -> RunResult:
         return RunResult(run(cfg, run_dir, in_sweep=in_sweep))
     except KeyboardInterrupt as err:
         where = str(err) if isinstance(err, Interrupted) else "before training started"
-        print(f"[bnp] {run_dir}: interrupted {where}; run the same command again to resume", file=sys.stderr)
+        then = "" if getattr(err, "finished", False) else "; run the same command again to resume"
+        print(f"[bnp] {run_dir}: interrupted {where}{then}", file=sys.stderr)
         if getattr(err, "signum", None) == signal.SIGTERM:
             # end as SIGTERM asked: a parallel sweep's worker must not outlive its killed launcher,
             # idle or taking the jobs still queued for it

@@ -5,8 +5,8 @@
     python experiments/mlp_batch_size.py --smoke         # tiny offline variant (digits), about a minute
 
 The learning-rate grid moves with the batch size (4 values each; at batch sizes 1 and 2, 3 values
-per method around its best in an earlier 0.001-0.03 grid, where BNP's, LayerNorm's and BatchNorm's
-best sat at its lowest lr); the driver extends any grid whose best sits at an edge (bnp.sweep), and
+per method that cover its best in an earlier 0.001-0.03 grid, where BNP's, LayerNorm's and
+BatchNorm's best sat at its lowest lr); the driver extends any grid whose best sits at an edge (bnp.sweep), and
 the report picks each method's learning rate by mean validation accuracy over seeds.
 """
 

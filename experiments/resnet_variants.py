@@ -5,13 +5,15 @@ paper's BNP, BNP with unit-wise adaptive clipping (bnp_agc) and clipping alone (
 against no normalization; 3 seeds, every learning rate bracketed, per-layer instruments logged.
 
     python experiments/resnet_variants.py                      # both batch sizes -> results/resnet_variants
-    python experiments/resnet_variants.py --grids 1,2,3,4,5 train.seed=0   # batch 128, seed 0 (the committed CPU run)
+    python experiments/resnet_variants.py --grids 1,2,3,4,5 train.seed=0   # batch 128, seed 0 only
     python experiments/resnet_variants.py --smoke              # tiny offline variant (digits)
 
 Sized for a GPU: on a 2-core CPU one batch-128 run takes 10-40 minutes and a batch-8 run longer.
 The runs use experiment=resnet with the overrides in FIXED, so they are the same runs (and the same
 run directories) as `python experiments/resnet.py --suffix variants train.epochs=2
-train.diagnostics=true ...`, which made the committed seed-0 table.
+train.diagnostics=true ...`. The committed results/resnet_variants holds the seed-0, batch-128 runs
+of bn, bnp_agc and agc made that way (its PROVENANCE.md lists the commands); the rest of this file's
+grid has not been run.
 """
 
 from bnp.sweep import run_experiment

@@ -76,8 +76,13 @@ def test_progress_counts_only_its_own_multiruns_jobs(tmp_path):
         f.write(json.dumps({"status": "completed", "token": "mine", "skipped": True}) + "\n" + '{"status": "fai')
     assert mine._read() == ({"completed": 2, "diverged": 1}, 2)
     with open(tmp_path / PROGRESS_FILE, "a") as f:
-        f.write('led", "token": "mine"}\n')
+        f.write('led", "token": "mine"}\n' + "not json\n")  # a torn line is skipped
     assert mine._read() == ({"completed": 2, "diverged": 1, "failed": 1}, 3)
+    # a file replaced or truncated under the reader is read again from its start
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps({"status": "diverged", "token": "mine"}) + "\n")
+    assert mine._read() == ({"diverged": 1}, 1)
+    (tmp_path / PROGRESS_FILE).unlink()
+    assert mine._read() == ({}, 0)
 
 
 def _live_members(pgid: int) -> list[int]:
@@ -107,17 +112,19 @@ def test_sigterm_to_a_local_sweep_stops_every_worker(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bnp.train", "-m", "launcher=local", "hydra.launcher.n_jobs=2", "logger=none",
            "data=digits", "model.width=16", "train.batch_size=1", "train.steps=1000000", "train.log_every=100",
-           "train.eval_every=1000000", "train.seed=0,1,2,3,4,5", f"out_root={tmp_path}", "name=term"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+           "train.eval_every=1000000", "train.device=cpu", "train.seed=0,1,2,3,4,5", f"out_root={tmp_path}",
+           "name=term"]
+    output = open(tmp_path / "output.txt", "w")  # a file, not a pipe nobody reads that could fill up
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     sweep = tmp_path / "sweeps" / "term"
     try:
-        while proc.poll() is None:  # until both workers' runs have logged (progress, not a clock)
+        deadline, logged = time.monotonic() + 900, []  # a cap for a sweep that never starts, far above a slow start
+        while proc.poll() is None and time.monotonic() < deadline:  # until both workers' runs have logged
             logged = [m for m in sweep.glob("*/metrics.jsonl") if any("train_loss" in r for r in read_metrics(m))]
             if len(logged) == 2:
                 break
             time.sleep(0.1)
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None and len(logged) == 2, (tmp_path / "output.txt").read_text()
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=600)
         deadline = time.monotonic() + 300  # a cap for a hung worker, far above the step boundary it needs
@@ -127,6 +134,7 @@ def test_sigterm_to_a_local_sweep_stops_every_worker(tmp_path):
     finally:
         for pid in _live_members(proc.pid):
             os.kill(pid, signal.SIGKILL)
+        output.close()
     started = sorted(p.parent.name for p in sweep.glob("*/metrics.jsonl"))
     assert len(started) == 2, started  # no worker took a queued job after the signal
     assert all((sweep / name / "checkpoint.pt").exists() for name in started)

@@ -67,3 +67,8 @@ def test_experiment_overrides_replace_grid_values():
         ["norm=none,bnp", "optim.lr=0.1,0.3"], ["norm=none,bnp", "train.batch_size=1"]
     ]
     assert all(c.count("norm=none,bnp") == 1 for c in cmds)
+    # a key only some grids have reaches the others too, as any other override
+    cmds = commands("cnn", "cnn_x", grids, ["train.batch_size=8"], "local", "outputs")
+    assert [c[c.index("out_root=outputs") + 1 :] for c in cmds] == [
+        ["train.batch_size=8", "norm=none,bn,bnp", "optim.lr=0.1,0.3"], ["norm=none,bn,bnp", "train.batch_size=8"]
+    ]

@@ -228,6 +228,32 @@ def test_sigint_leaves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path):
     assert 0 < step < 100000
 
 
+def test_a_signal_that_comes_as_the_run_ends_is_still_honoured(compose, tmp_path, monkeypatch):
+    """A stop signal caught after the loop's last look at it (or by a resumed run with no step
+    left) still stops the process, once the finished run's summary is written: a sweep worker must
+    not go on to its next job."""
+    import pickle
+
+    from bnp.loop import Interrupted, Trainer
+
+    original = Trainer.run
+
+    def signalled_at_the_end(self, progress=None):
+        result = original(self, progress)
+        self.stop_signal = signal.SIGTERM
+        return result
+
+    monkeypatch.setattr(Trainer, "run", signalled_at_the_end)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted) as caught:
+        run(compose("logger=none", "train.steps=20", "train.eval_every=10", "model.width=16"), run_dir)
+    assert caught.value.signum == signal.SIGTERM and caught.value.finished
+    assert "as the run ended (completed, summary written)" in str(caught.value)
+    assert read_json(run_dir / "summary.json")["status"] == "completed"
+    copy = pickle.loads(pickle.dumps(caught.value))  # crosses processes intact
+    assert (str(copy), copy.signum, copy.finished) == (str(caught.value), signal.SIGTERM, True)
+
+
 def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(compose, tmp_path):
     args = ["logger=none", "train.steps=20", "train.eval_every=10", "model.width=16"]
     run_dir = tmp_path / "run"
