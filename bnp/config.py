@@ -90,6 +90,7 @@ class NormConfig:
     average_start: bool = False  # cumulative average of the first 1/momentum batches
     output_scale: bool = False  # each unit's step / (running variance of its pre-activation + eps)
     clip: Optional[float] = None  # unit-wise adaptive gradient clipping (NFNets' AGC) at clip x ||W_i||
+    trust: Optional[float] = None  # layer-wise trust ratio (LARS): each layer's gradient rescaled to trust x ||W||
     variant: str = ""  # the name tables give this norm (a variant's config sets it; empty: kind)
 
     def __post_init__(self) -> None:
@@ -98,11 +99,13 @@ class NormConfig:
                self.momentum)
         _check("norm.eps", self.eps > 0 and math.isfinite(self.eps), "a finite number > 0", self.eps)
         _check("norm.warmup", self.warmup >= 0, "an integer >= 0", self.warmup)
-        _check("norm.clip", self.clip is None or (self.clip > 0 and math.isfinite(self.clip)),
-               "null (off) or a finite number > 0", self.clip)
+        for key in ("clip", "trust"):
+            value = getattr(self, key)
+            _check(f"norm.{key}", value is None or (value > 0 and math.isfinite(value)),
+                   "null (off) or a finite number > 0", value)
         variants = [k for k in ("eps_relative", "average_start", "output_scale") if getattr(self, k)]
-        _check("norm.kind", self.kind == "bnp" or not (variants or self.clip is not None),
-               f"'bnp' for the BNP options {variants + (['clip'] if self.clip is not None else [])}", self.kind)
+        variants += [k for k in ("clip", "trust") if getattr(self, k) is not None]
+        _check("norm.kind", self.kind == "bnp" or not variants, f"'bnp' for the BNP options {variants}", self.kind)
 
 
 @dataclass

@@ -155,7 +155,8 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
             try:
                 pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
                           skip=tuple(n.skip), fast=n.fast, eps_relative=n.eps_relative,
-                          average_start=n.average_start, output_scale=n.output_scale, clip=n.clip)
+                          average_start=n.average_start, output_scale=n.output_scale, clip=n.clip,
+                          trust=n.trust)
             except ValueError as err:  # e.g. a skip pattern that matches no layer
                 raise ConfigError(f"norm: {err}") from None
         steps_per_epoch, total = plan(len(data.train_x), config.train)

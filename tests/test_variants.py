@@ -218,6 +218,62 @@ def test_clipping_without_preconditioning_is_agc_on_the_raw_gradients(make, fast
                 b.copy_(a)
 
 
+def trust_formula(weight, bias, G, g, trust):
+    """LARS' layer-wise rescaling of the whole gradient [G, g], written out in float64."""
+    grad_norm = torch.cat([G.flatten(), g]).norm()
+    weight_norm = torch.cat([weight.detach().flatten(), bias.detach()]).norm()
+    factor = trust * torch.clamp(weight_norm, min=1e-3) / grad_norm
+    return G * factor, g * factor
+
+
+@pytest.mark.parametrize("make, fast", [(net, False), (net, True), (conv_net, False)])
+def test_trust_ratio_rescales_each_layers_preconditioned_gradient_to_a_share_of_its_weights(make, fast):
+    """bnp_lars: BNP's preconditioned gradient, then each layer's [G, g] rescaled to length
+    trust x ||[W, b]||; a layer with zero weights moves trust x 1e-3."""
+    gen = torch.Generator().manual_seed(8)
+    model = make()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    plain_model = copy.deepcopy(model)
+    if make is net:
+        x, y = skewed(32, 6, gen=gen), torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    else:
+        x, y = skewed(4, 3, 7, 7, gen=gen), torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    pre, plain = BNP(model, trust=0.02, fast=fast), BNP(plain_model, fast=fast)
+    for _ in range(2):  # the second step runs on moved weights and two batches' statistics
+        train_step(model, pre, x, y)
+        train_step(plain_model, plain, x, y)
+        for got, want in ((model[0], plain_model[0]), (model[2], plain_model[2])):
+            G_t, g_t = trust_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.02)
+            torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
+        with torch.no_grad():
+            length = torch.cat([model[2].weight.grad.flatten(), model[2].bias.grad]).norm()
+            weights = torch.cat([model[2].weight.flatten(), model[2].bias]).norm()
+            torch.testing.assert_close(length, 0.02 * weights, rtol=1e-12, atol=0)
+            for a, b in zip(model.parameters(), plain_model.parameters()):  # the same step on both
+                a.sub_(0.1 * a.grad)
+                b.copy_(a)
+    first = torch.cat([model[0].weight.grad.flatten(), model[0].bias.grad]).norm()  # weights still < 1e-3 long
+    torch.testing.assert_close(first, torch.tensor(0.02 * 1e-3, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_trust_ratio_without_preconditioning_is_lars_on_the_raw_gradients(fast):
+    """configs/norm/lars.yaml, the control for bnp_lars, against a model that had no BNP at all."""
+    gen = torch.Generator().manual_seed(9)
+    model, raw = net(), net()
+    x, y = skewed(32, 6, gen=gen), torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    pre = BNP(model, center=False, scale=False, trust=0.02, fast=fast)
+    train_step(model, pre, x, y)
+    F.mse_loss(raw(x), y).backward()
+    for got, want in ((model[0], raw[0]), (model[2], raw[2])):
+        G_t, g_t = trust_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.02)
+        torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
+
+
 def test_skip_first_and_last_layer_by_position():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
     assert BNP(model, skip=["@first"]).names == ["2", "4"]
@@ -226,6 +282,7 @@ def test_skip_first_and_last_layer_by_position():
 
 
 @pytest.mark.parametrize("kwargs, field", [({"clip": 0}, "clip"), ({"clip": True}, "clip"),
+                                           ({"trust": -1.0}, "trust"), ({"trust": float("inf")}, "trust"),
                                            ({"eps_relative": 1}, "eps_relative"),
                                            ({"average_start": "yes"}, "average_start"),
                                            ({"output_scale": None}, "output_scale")])

@@ -36,11 +36,12 @@ from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
 from bnp.precondition.layers import (GradState, Layer, candidates, discover, matches, resolve_ends, skip_patterns,
                                      untracked)
-from bnp.precondition.rows import OutputStats, clip_units
+from bnp.precondition.rows import OutputStats, clip_units, trust_layer
 from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
 
 
-def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any, clip: Any) -> None:
+def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any,
+                   factors: dict[str, Any]) -> None:
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 < momentum <= 1):
         raise ValueError(f"BNP: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
@@ -53,9 +54,10 @@ def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], 
             raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
     if moments not in MOMENTS:
         raise ValueError(f"BNP: moments must be one of {list(MOMENTS)}, got {moments!r}")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                             or not (clip > 0 and math.isfinite(clip))):
-        raise ValueError(f"BNP: clip must be None (off) or a finite number > 0, got {clip!r}")
+    for label, value in factors.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (value > 0 and math.isfinite(value))):
+            raise ValueError(f"BNP: {label} must be None (off) or a finite number > 0, got {value!r}")
 
 
 _MHA_NOTE = (" (nn.MultiheadAttention is not supported: its packed in_proj_weight has query, key and value "
@@ -142,6 +144,9 @@ class BNP:
             running variance of the unit's pre-activation (BatchNorm's gamma^2 / Var(h) step scale).
         clip: unit-wise adaptive gradient clipping (NFNets): each unit's gradient [G_i, g_i] is at
             most clip x max(||[W_i, b_i]||, 1e-3) long, after the rules above.
+        trust: layer-wise trust ratio (LARS): each layer's whole gradient [G, g] is rescaled to
+            trust x max(||[W, b]||, 1e-3), after the rules above, so every layer moves by the same
+            fraction of its weights per plain SGD step (lr x trust).
 
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
     model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it
@@ -167,14 +172,16 @@ class BNP:
         average_start: bool = False,
         output_scale: bool = False,
         clip: float | None = None,
+        trust: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
         _check_options(momentum, eps, warmup, dict(center=center, scale=scale, sync=sync, fast=fast,
                        eps_relative=eps_relative, average_start=average_start, output_scale=output_scale),
-                       moments, clip)
+                       moments, dict(clip=clip, trust=trust))
         self.eps_relative, self.average_start, self.output_scale = eps_relative, average_start, output_scale
         self.clip = None if clip is None else float(clip)
+        self.trust = None if trust is None else float(trust)
         self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
         self.warmup, self.center, self.scale, self.sync, self.fast = warmup, center, scale, sync, fast
@@ -233,6 +240,8 @@ class BNP:
                     self.outputs.scale(layer, self.eps)
                 if layer.batches and self.clip is not None:
                     clip_units(layer, self.clip)
+                if layer.batches and self.trust is not None:
+                    trust_layer(layer, self.trust)
         for layer in fresh:
             layer.mark_grad()
         for layer in self._layers:
@@ -313,7 +322,8 @@ class BNP:
             f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}, fast={self.fast}"
         )
         variants = {k: v for k, v in dict(eps_relative=self.eps_relative, average_start=self.average_start,
-                                          output_scale=self.output_scale, clip=self.clip).items() if v}
+                                          output_scale=self.output_scale, clip=self.clip,
+                                          trust=self.trust).items() if v}
         options += "".join(f", {k}={v}" for k, v in variants.items())
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
         left = "".join(f"\n  {entry}" for entry in _listing(self.untracked))

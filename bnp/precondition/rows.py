@@ -7,6 +7,13 @@ entry; an output channel of a convolution) at a time. Both are opt-in BNP option
   momentum as the input statistics) and multiplies the unit's gradient row by 1 / (v + eps).
 - Unit-wise adaptive clipping (``clip``, as NFNets' AGC): a unit's gradient row [G_i, g_i] is
   scaled down to clip x max(||[W_i, b_i]||, 1e-3) where it is longer.
+
+One rule acts on a whole layer instead:
+
+- Layer-wise trust ratio (``trust``, as LARS): the layer's gradient [G, g] is rescaled to length
+  trust x max(||[W, b]||, 1e-3), so every layer moves by the same fraction of its weights per
+  step (the evenness BatchNorm's scale invariance gives; BNP's preconditioning leaves some layers
+  moving several times faster than others, results/cnn_momentum_variants/diagnostics.md).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 from bnp.precondition.layers import Layer
 from bnp.precondition.stats import RunningStats
 
-AGC_MIN_NORM = 1e-3  # NFNets: units with (near) zero weights may still move this much
+MIN_WEIGHT_NORM = 1e-3  # NFNets: units (layers) with (near) zero weights may still move this much
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -83,17 +90,36 @@ class OutputStats:
             handle.remove()
 
 
+def _gradient_and_weights(layer: Layer):
+    """The layer's gradient rows G and weight rows W, and its trained bias (None if it has none or
+    no gradient), which joins each row as one more column."""
+    bias = layer.trained_bias if layer.trained_bias is not None and layer.trained_bias.grad is not None else None
+    return _rows(layer.weight.grad), _rows(layer.weight.detach()), bias
+
+
 def clip_units(layer: Layer, clip: float) -> None:
     """Unit-wise adaptive gradient clipping: ||[G_i, g_i]|| <= clip * max(||[W_i, b_i]||, 1e-3)."""
-    G = _rows(layer.weight.grad)
-    bias = layer.trained_bias if layer.trained_bias is not None and layer.trained_bias.grad is not None else None
+    G, W, bias = _gradient_and_weights(layer)
     grad_sq = G.square().sum(1)
-    weight_sq = _rows(layer.weight.detach()).square().sum(1)
+    weight_sq = W.square().sum(1)
     if bias is not None:
         grad_sq = grad_sq + bias.grad.square()
         weight_sq = weight_sq + bias.detach().square()
-    limit = weight_sq.sqrt().clamp_min(AGC_MIN_NORM) * clip
+    limit = weight_sq.sqrt().clamp_min(MIN_WEIGHT_NORM) * clip
     factor = (limit / grad_sq.sqrt().clamp_min(1e-30)).clamp_max(1.0)
     G.mul_(factor.view(-1, 1))
+    if bias is not None:
+        bias.grad.mul_(factor)
+
+
+def trust_layer(layer: Layer, trust: float) -> None:
+    """Layer-wise trust ratio: ||[G, g]|| becomes trust * max(||[W, b]||, 1e-3) (a zero gradient stays zero)."""
+    G, W, bias = _gradient_and_weights(layer)
+    grad_sq, weight_sq = G.square().sum(), W.square().sum()
+    if bias is not None:
+        grad_sq = grad_sq + bias.grad.square().sum()
+        weight_sq = weight_sq + bias.detach().square().sum()
+    factor = weight_sq.sqrt().clamp_min(MIN_WEIGHT_NORM) * trust / grad_sq.sqrt().clamp_min(1e-30)
+    G.mul_(factor)
     if bias is not None:
         bias.grad.mul_(factor)
