@@ -90,36 +90,35 @@ class OutputStats:
             handle.remove()
 
 
-def _gradient_and_weights(layer: Layer):
-    """The layer's gradient rows G and weight rows W, and its trained bias (None if it has none or
-    no gradient), which joins each row as one more column."""
+def _squared_norms(layer: Layer):
+    """The layer's gradient rows G, its trained bias (None if it has none or no gradient, else one
+    more column of each row), and each row's squared length of [G_i, g_i] and of [W_i, b_i]."""
+    G = _rows(layer.weight.grad)
     bias = layer.trained_bias if layer.trained_bias is not None and layer.trained_bias.grad is not None else None
-    return _rows(layer.weight.grad), _rows(layer.weight.detach()), bias
-
-
-def clip_units(layer: Layer, clip: float) -> None:
-    """Unit-wise adaptive gradient clipping: ||[G_i, g_i]|| <= clip * max(||[W_i, b_i]||, 1e-3)."""
-    G, W, bias = _gradient_and_weights(layer)
     grad_sq = G.square().sum(1)
-    weight_sq = W.square().sum(1)
+    weight_sq = _rows(layer.weight.detach()).square().sum(1)
     if bias is not None:
         grad_sq = grad_sq + bias.grad.square()
         weight_sq = weight_sq + bias.detach().square()
-    limit = weight_sq.sqrt().clamp_min(MIN_WEIGHT_NORM) * clip
-    factor = (limit / grad_sq.sqrt().clamp_min(1e-30)).clamp_max(1.0)
+    return G, bias, grad_sq, weight_sq
+
+
+def _scale_rows(G: torch.Tensor, bias, factor: torch.Tensor) -> None:
+    """Multiply each gradient row [G_i, g_i] by factor (one per row, or one for all)."""
     G.mul_(factor.view(-1, 1))
     if bias is not None:
         bias.grad.mul_(factor)
 
 
+def clip_units(layer: Layer, clip: float) -> None:
+    """Unit-wise adaptive gradient clipping: ||[G_i, g_i]|| <= clip * max(||[W_i, b_i]||, 1e-3)."""
+    G, bias, grad_sq, weight_sq = _squared_norms(layer)
+    limit = weight_sq.sqrt().clamp_min(MIN_WEIGHT_NORM) * clip
+    _scale_rows(G, bias, (limit / grad_sq.sqrt().clamp_min(1e-30)).clamp_max(1.0))
+
+
 def trust_layer(layer: Layer, trust: float) -> None:
     """Layer-wise trust ratio: ||[G, g]|| becomes trust * max(||[W, b]||, 1e-3) (a zero gradient stays zero)."""
-    G, W, bias = _gradient_and_weights(layer)
-    grad_sq, weight_sq = G.square().sum(), W.square().sum()
-    if bias is not None:
-        grad_sq = grad_sq + bias.grad.square().sum()
-        weight_sq = weight_sq + bias.detach().square().sum()
-    factor = weight_sq.sqrt().clamp_min(MIN_WEIGHT_NORM) * trust / grad_sq.sqrt().clamp_min(1e-30)
-    G.mul_(factor)
-    if bias is not None:
-        bias.grad.mul_(factor)
+    G, bias, grad_sq, weight_sq = _squared_norms(layer)
+    limit = weight_sq.sum().sqrt().clamp_min(MIN_WEIGHT_NORM) * trust
+    _scale_rows(G, bias, limit / grad_sq.sum().sqrt().clamp_min(1e-30))
