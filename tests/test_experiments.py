@@ -44,8 +44,24 @@ def test_smoke_variant(name, tmp_path):
     provenance = (results / "PROVENANCE.md").read_text()
     assert f"python experiments/{name}.py" in provenance and "runs by the commit they ran at" in provenance
     assert "- sweep: `python -m bnp.train -m" in provenance and "(commit " in provenance
+    if getattr(load(name), "GRIDS", None):  # the sweep driver's experiments (not hessian.py's own)
+        check_a_later_report_keeps_earlier_invocations(name, tmp_path, results)
     for summary in (tmp_path / "sweeps").glob("*/*/summary.json"):
         assert '"status": "completed"' in summary.read_text() or "not_applicable" in summary.read_text(), summary
+
+
+def check_a_later_report_keeps_earlier_invocations(name, tmp_path, results):
+    """A later invocation rewrites the report but keeps the earlier invocations' lines."""
+    again = subprocess.run(
+        [sys.executable, f"experiments/{name}.py", "--smoke", "--report-only", "--out-root", str(tmp_path),
+         "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    lines = (results / "PROVENANCE.md").read_text().splitlines()
+    experiments = [line for line in lines if line.startswith("- experiment: ")]
+    assert len(experiments) == 2 and "sweeps:" in experiments[0] and experiments[1].endswith("(report only)")
+    assert lines.index(experiments[0]) > max(i for i, line in enumerate(lines) if line.startswith("- date: "))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
