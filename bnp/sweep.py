@@ -104,9 +104,8 @@ def driver_lines(provenance: Path) -> str:
     keeps them."""
     if not provenance.exists():
         return ""
-    text = provenance.read_text()
-    cut = text.find("\n", text.find("\n- date: ") + 1) if "\n- date: " in text else -1
-    return text[cut + 1:] if cut >= 0 else ""
+    _, dated, rest = provenance.read_text().partition("\n- date: ")
+    return rest.partition("\n")[2] if dated else ""
 
 
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,

@@ -27,6 +27,15 @@ def test_one_experiment_file_per_claim():
     assert {getattr(load(name), "EXPERIMENT", name) for name in EXPERIMENTS} <= configs
 
 
+def run_smoke(name, tmp_path, results, *extra):
+    """The experiment's smoke variant through its CLI, offline; fails with the run's output."""
+    proc = subprocess.run(
+        [sys.executable, f"experiments/{name}.py", "--smoke", *extra, "--out-root", str(tmp_path), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 END_TO_END = {"mlp_batch_size"}  # the default suite runs this one; make test-all runs every one
 
 
@@ -34,11 +43,7 @@ END_TO_END = {"mlp_batch_size"}  # the default suite runs this one; make test-al
                                   for n in EXPERIMENTS])
 def test_smoke_variant(name, tmp_path):
     results = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, f"experiments/{name}.py", "--smoke", "--out-root", str(tmp_path), "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_smoke(name, tmp_path, results)
     table = pd.read_csv(results / "table.csv")
     assert len(table) >= 2 and list(results.glob("*.png")) and list(results.glob("*.pdf"))
     provenance = (results / "PROVENANCE.md").read_text()
@@ -52,12 +57,7 @@ def test_smoke_variant(name, tmp_path):
 
 def check_a_later_report_keeps_earlier_invocations(name, tmp_path, results):
     """A later invocation rewrites the report but keeps the earlier invocations' lines."""
-    again = subprocess.run(
-        [sys.executable, f"experiments/{name}.py", "--smoke", "--report-only", "--out-root", str(tmp_path),
-         "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    run_smoke(name, tmp_path, results, "--report-only")
     lines = (results / "PROVENANCE.md").read_text().splitlines()
     experiments = [line for line in lines if line.startswith("- experiment: ")]
     assert len(experiments) == 2 and "sweeps:" in experiments[0] and experiments[1].endswith("(report only)")
