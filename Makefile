@@ -51,6 +51,9 @@ fig-mlp-batch-size: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch siz
 fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> results/online
 	$(PY) experiments/online.py
 
+fig-online-fc: setup ## claims 3-4: online learning (batch size 1) with the fc-head CNN, 3 seeds -> results/online_fc
+	$(PY) experiments/online.py --suffix fc --grids 2 model.head=fc
+
 fig-cnn: setup ## claim 4: CNN on Fashion-MNIST, GAP and fc heads, batch 128 and 8 -> results/cnn
 	$(PY) experiments/cnn.py
 
@@ -78,7 +81,7 @@ fig-resnet-variants: setup ## claim 4's ResNet target: BN, GN, BNP, BNP+clipping
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py
 
-reproduce: fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-resnet-variants fig-hessian ## every paper-claim experiment
+reproduce: fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-resnet-variants fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
 	for e in defaults mlp_batch_size online cnn cnn_classic cnn_momentum cnn_momentum_variants bnp_variants resnet resnet_variants hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
@@ -89,4 +92,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-cnn fig-cnn-fc fig-cnn-classic fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-resnet-variants fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-fc fig-cnn-classic fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-resnet-variants fig-hessian reproduce smoke

@@ -2,6 +2,7 @@
 
     python experiments/online.py            # full sweep (3 seeds) + report -> results/online
     python experiments/online.py --smoke    # tiny offline variant (digits), about a minute
+    python experiments/online.py --suffix fc --grids 2 model.head=fc   # the CNN with the fc head -> results/online_fc
 
 BatchNorm1d cannot run at batch size 1 (the MLP's bn runs are reported as not applicable);
 BatchNorm2d runs but then normalizes each sample over positions only. The report's prequential
