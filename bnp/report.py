@@ -360,6 +360,16 @@ def _provenance(argv: list[str], sweep_dir: Path, runs: pd.DataFrame) -> str:
     return "\n".join(f"- {line}" for line in lines) + "\n"
 
 
+def _appended_lines(provenance: Path) -> str:
+    """What was appended to an earlier PROVENANCE.md after its report's part (which ends with the
+    ``- date:`` line that _provenance writes last): experiment invocations, notes. A report rewrites
+    its own part and keeps these."""
+    if not provenance.exists():
+        return ""
+    _, dated, rest = provenance.read_text().partition("\n- date: ")
+    return rest.partition("\n")[2] if dated else ""
+
+
 def read_extensions(sweep_dir: Path) -> dict:
     """The driver's bracketing record (bnp.sweep), {setting_key: {"low": n, "high": n, "cap": cap}}."""
     path = Path(sweep_dir) / "bracket.json"
@@ -391,7 +401,8 @@ def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | No
     (out / "runs.md").write_text(every[["run", "status", "reason", "best_val_acc", "final_test_acc", "steps"]]
                                  .to_markdown(index=False) + "\n")
     make_figures(runs, curves, out)
-    (out / "PROVENANCE.md").write_text(_provenance(argv or [str(sweep_dir)], sweep_dir, runs))
+    provenance = out / "PROVENANCE.md"
+    provenance.write_text(_provenance(argv or [str(sweep_dir)], sweep_dir, runs) + _appended_lines(provenance))
     return table
 
 

@@ -98,16 +98,6 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
                 raise subprocess.CalledProcessError(1, failed[0])
 
 
-def driver_lines(provenance: Path) -> str:
-    """What earlier experiment invocations appended to a results directory's PROVENANCE.md (all
-    after the report's closing ``- date:`` line), so that a later report, which rewrites the file,
-    keeps them."""
-    if not provenance.exists():
-        return ""
-    _, dated, rest = provenance.read_text().partition("\n- date: ")
-    return rest.partition("\n")[2] if dated else ""
-
-
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
                    smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None,
                    experiment: str | None = None) -> Path:
@@ -148,10 +138,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
         if cap > 0:
             bracket(sweep_dir, cap, sweep_name)
     results = Path(args.results or (ROOT / "results" / sweep_name))
-    earlier = driver_lines(results / "PROVENANCE.md")
     report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
     with open(results / "PROVENANCE.md", "a") as f:
-        f.write(earlier)
         ran = "report only" if args.report_only else f"{len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)}"
         f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
                 f" ({ran})\n")

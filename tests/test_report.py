@@ -51,6 +51,11 @@ def test_report_tables_and_figures(compose, tmp_path):
     csv = pd.read_csv(out / "table.csv")
     assert list(csv["norm"]).count("bn") == 2  # the not-applicable row is shown, not dropped
     assert "python -m bnp.report" in (out / "PROVENANCE.md").read_text()
+    with open(out / "PROVENANCE.md", "a") as f:  # as an experiment driver appends its invocation
+        f.write("- experiment: `python experiments/x.py`\n")
+    main([str(sweep), "--out", str(out), "--target", "0.5"])  # a later report rewrites its own part only
+    provenance = (out / "PROVENANCE.md").read_text()
+    assert provenance.count("- report: ") == 1 and provenance.endswith("- experiment: `python experiments/x.py`\n")
 
 
 def test_steps_to_target():
