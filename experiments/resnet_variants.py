@@ -30,8 +30,12 @@ GRIDS = [  # batch 128 (the config's): each method's lrs around its best in resu
     # batch 8, the same epochs: lrs about 1/16 of batch 128's (linear scaling), then bracketed
     {"norm": "bn,gn,bnp_agc", "train.batch_size": "8", "optim.lr": "0.0003,0.001,0.003", "train.seed": SEEDS},
     {"norm": "bnp", "train.batch_size": "8", "optim.lr": "0.0001,0.0003,0.001", "train.seed": SEEDS},
+    # the layer-wise trust ratio with and without BNP (lr x trust is each layer's step as a fraction of its
+    # weights, so lrs are ~1000x plain SGD's; 10 was best on the GAP CNN with momentum), batch 128 then 8
+    {"norm": "bnp_lars,lars", "optim.lr": "3,10,30", "train.seed": SEEDS},
+    {"norm": "bnp_lars,lars", "train.batch_size": "8", "optim.lr": "0.3,1,3", "train.seed": SEEDS},
 ]
-SMOKE_GRIDS = [{"norm": "bn,gn,bnp,bnp_agc,agc", "optim.lr": "0.003", "train.seed": "0"},
+SMOKE_GRIDS = [{"norm": "bn,gn,bnp,bnp_agc,agc,bnp_lars,lars", "optim.lr": "0.003", "train.seed": "0"},
                {"norm": "bn,bnp_agc", "train.batch_size": "8", "optim.lr": "0.003", "train.seed": "0"}]
 SMOKE_FIXED = ["data=digits", "train.steps=6", "train.eval_every=3", "train.log_every=3", "logger=none"]
 
