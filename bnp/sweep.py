@@ -16,6 +16,10 @@ the lr beyond it diverged, or ``--bracket-cap`` extensions were made on that sid
 are recorded in ``<sweep dir>/bracket.json`` when they finish, so an interrupted run resumes them;
 the report labels each choice (``lr_bracket``: interior, diverged-beyond, capped, edge, single).
 ``python -m bnp.sweep SWEEP_DIR`` brackets a sweep that was run without an experiment file.
+
+The finished runs are kept in ``RESULTS/sweep.tar.gz`` (bnp.archive), saved whenever a run finishes
+and with each report; ``--restore`` unpacks it first, so a sweep begun on one machine and committed
+is finished on another.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+from bnp.archive import finished_runs, restore, save
 from bnp.report import SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report, setting_key
 
 ROOT = Path(__file__).resolve().parent.parent
+ARCHIVE = "sweep.tar.gz"  # the finished runs, beside the report (bnp.archive)
 
 
 def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
@@ -69,10 +75,41 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
     return plans
 
 
-def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = None) -> dict:
+def wait(procs: list[subprocess.Popen], tick=None, every: float = 30.0) -> list[int]:
+    """Wait for every process and return their exit codes; ``tick()`` runs every ``every`` seconds
+    meanwhile (the experiment driver saves its sweep archive then)."""
+    for proc in procs:
+        while True:
+            try:
+                proc.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                if tick is not None:
+                    tick()
+    return [proc.returncode for proc in procs]
+
+
+class ArchiveKeeper:
+    """Saves a sweep's finished runs to an archive (bnp.archive) whenever more have finished, so a
+    stop at any moment loses at most the runs in flight, and the archive can be committed."""
+
+    def __init__(self, sweep_dir: Path, archive: Path):
+        self.sweep_dir, self.archive, self.saved = Path(sweep_dir), Path(archive), None
+
+    def __call__(self, force: bool = False) -> None:
+        if not self.sweep_dir.is_dir():
+            return
+        done = {str(run) for run in finished_runs(self.sweep_dir)}
+        if force or done != self.saved:
+            save(self.sweep_dir, self.archive)
+            self.saved = done
+
+
+def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = None, tick=None) -> dict:
     """Extend edge learning rates until each choice is bracketed (see the module doc); returns the
     record of extensions, also kept in ``<sweep dir>/bracket.json``. The extensions of one round run
-    side by side, as many at once as leave each seed a CPU (``parallel`` overrides)."""
+    side by side, as many at once as leave each seed a CPU (``parallel`` overrides); ``tick`` as in
+    ``wait``."""
     extensions = read_extensions(sweep_dir)
     while True:
         runs, _ = load_runs(sweep_dir)
@@ -88,7 +125,7 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
                 print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
                       f"{overrides[-2]}", flush=True)
                 procs.append(subprocess.Popen([sys.executable, "-m", "bnp.train", "-m", *overrides], cwd=ROOT))
-            failed = [p.args for p in procs if p.wait() != 0]
+            failed = [p.args for p, code in zip(procs, wait(procs, tick)) if code != 0]
             for key, side, _ in batch:  # recorded once finished: an interrupted round is planned again
                 entry = extensions.setdefault(key, {"low": 0, "high": 0})
                 entry[side] += 1
@@ -110,6 +147,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     parser.add_argument("--out-root", default="outputs", help="sweeps go to OUT_ROOT/sweeps/NAME")
     parser.add_argument("--results", default=None, help="report directory (default: results/NAME)")
     parser.add_argument("--report-only", action="store_true", help="skip the sweep, redo the report")
+    parser.add_argument("--restore", action="store_true", help=f"first unpack RESULTS/{ARCHIVE} (the committed "
+                        "finished runs) into the sweep directory, so the sweep finishes what another machine began")
     parser.add_argument("--suffix", default="", help="variant name, e.g. mnist: sweep NAME_mnist")
     parser.add_argument("--grids", default=None, help="run only these of the experiment's grids, e.g. 1 or 1,3 "
                         "(1-based, in the file's order)")
@@ -129,16 +168,26 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
         grids = [grids[i - 1] for i in picked]
     cmds = commands(experiment or name, sweep_name, grids, [*fixed, *args.overrides], launcher, args.out_root)
     sweep_dir = Path(args.out_root) / "sweeps" / sweep_name
+    results = Path(args.results or (ROOT / "results" / sweep_name))
+    keep = ArchiveKeeper(sweep_dir, results / ARCHIVE)
+    if args.restore:
+        if not (results / ARCHIVE).is_file():
+            parser.error(f"--restore: no archive at {results / ARCHIVE} (it is written with each report)")
+        written, kept = restore(results / ARCHIVE, sweep_dir)
+        print(f"[experiment {sweep_name}] restored {results / ARCHIVE}: {written} files written, {kept} kept", flush=True)
     started = time.time()
     if not args.report_only:
         for i, cmd in enumerate(cmds, 1):
             print(f"[experiment {sweep_name}] sweep {i}/{len(cmds)}: {shlex.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True)
+            code = wait([subprocess.Popen(cmd, cwd=ROOT)], keep)[0]
+            keep()
+            if code != 0:
+                raise subprocess.CalledProcessError(code, cmd)
         cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
         if cap > 0:
-            bracket(sweep_dir, cap, sweep_name)
-    results = Path(args.results or (ROOT / "results" / sweep_name))
+            bracket(sweep_dir, cap, sweep_name, tick=keep)
     report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
+    keep(force=True)
     with open(results / "PROVENANCE.md", "a") as f:
         ran = "report only" if args.report_only else f"{len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)}"
         f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"

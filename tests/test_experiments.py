@@ -27,10 +27,10 @@ def test_one_experiment_file_per_claim():
     assert {getattr(load(name), "EXPERIMENT", name) for name in EXPERIMENTS} <= configs
 
 
-def run_smoke(name, tmp_path, results, *extra):
+def run_smoke(name, out_root, results, *extra):
     """The experiment's smoke variant through its CLI, offline; fails with the run's output."""
     proc = subprocess.run(
-        [sys.executable, f"experiments/{name}.py", "--smoke", *extra, "--out-root", str(tmp_path), "--results", str(results)],
+        [sys.executable, f"experiments/{name}.py", "--smoke", *extra, "--out-root", str(out_root), "--results", str(results)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -51,6 +51,7 @@ def test_smoke_variant(name, tmp_path):
     assert "- sweep: `python -m bnp.train -m" in provenance and "(commit " in provenance
     if getattr(load(name), "GRIDS", None):  # the sweep driver's experiments (not hessian.py's own)
         check_a_later_report_keeps_earlier_invocations(name, tmp_path, results)
+        check_another_machine_reports_from_the_archive(name, tmp_path, results)
     for summary in (tmp_path / "sweeps").glob("*/*/summary.json"):
         assert '"status": "completed"' in summary.read_text() or "not_applicable" in summary.read_text(), summary
 
@@ -62,6 +63,16 @@ def check_a_later_report_keeps_earlier_invocations(name, tmp_path, results):
     experiments = [line for line in lines if line.startswith("- experiment: ")]
     assert len(experiments) == 2 and "sweeps:" in experiments[0] and experiments[1].endswith("(report only)")
     assert lines.index(experiments[0]) > max(i for i, line in enumerate(lines) if line.startswith("- date: "))
+
+
+def check_another_machine_reports_from_the_archive(name, tmp_path, results):
+    """results/NAME/sweep.tar.gz alone (a fresh clone: no outputs/) makes the same table again."""
+    copy = tmp_path / "clone_results"
+    copy.mkdir()
+    (copy / "sweep.tar.gz").write_bytes((results / "sweep.tar.gz").read_bytes())
+    run_smoke(name, tmp_path / "clone_outputs", copy, "--restore", "--report-only")
+    assert (copy / "table.csv").read_text() == (results / "table.csv").read_text()
+    assert "- sweep: `python -m bnp.train -m" in (copy / "PROVENANCE.md").read_text()
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
