@@ -1,4 +1,5 @@
-# bnp: run `make help` for the list of targets.
+# bnp: run `make help` for the list of targets. fig-* targets pass ARGS to their experiment file,
+# e.g. make fig-online-fc ARGS=--restore (finish a committed sweep, bnp/archive.py).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -43,43 +44,43 @@ report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/N
 	$(PY) -m bnp.report $(SWEEP) $(if $(OUT),--out $(OUT),)
 
 fig-defaults: setup ## the defaults learn: every norm x batch size 1/16/128 at default settings, digits -> results/defaults
-	$(PY) experiments/defaults.py
+	$(PY) experiments/defaults.py $(ARGS)
 
 fig-mlp-batch-size: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128 -> results/mlp_batch_size
-	$(PY) experiments/mlp_batch_size.py
+	$(PY) experiments/mlp_batch_size.py $(ARGS)
 
 fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> results/online
-	$(PY) experiments/online.py
+	$(PY) experiments/online.py $(ARGS)
 
 fig-online-fc: setup ## claims 3-4: online learning (batch size 1) with the fc-head CNN, 3 seeds -> results/online_fc
-	$(PY) experiments/online.py --suffix fc --grids 2 model.head=fc
+	$(PY) experiments/online.py --suffix fc --grids 2 model.head=fc $(ARGS)
 
 fig-cnn: setup ## claim 4: CNN on Fashion-MNIST, GAP and fc heads, batch 128 and 8 -> results/cnn
-	$(PY) experiments/cnn.py
+	$(PY) experiments/cnn.py $(ARGS)
 
 fig-cnn-fc: setup ## claim 4 with the fc head (16-16-32-32) at batch 128 and 8, one seed (the CPU run) -> results/cnn_fc
-	$(PY) experiments/cnn.py --suffix fc --grids 1,2 model.head=fc train.seed=0
+	$(PY) experiments/cnn.py --suffix fc --grids 1,2 model.head=fc train.seed=0 $(ARGS)
 
 fig-bnp-variants: setup ## claim 4, why BNP lags BN on the GAP CNN: BNP's variants vs BN, instruments on -> results/bnp_variants
-	$(PY) experiments/bnp_variants.py
+	$(PY) experiments/bnp_variants.py $(ARGS)
 
 fig-cnn-momentum: setup ## claim 4 at a longer budget: CNN, SGD momentum 0.9, cosine, 6 epochs -> results/cnn_momentum
-	$(PY) experiments/cnn_momentum.py
+	$(PY) experiments/cnn_momentum.py $(ARGS)
 
 fig-cnn-classic: setup ## claim 4 on a classic 32-64-128 CNN with an fc head: none/bn/bnp, BNP momentum 0.01, one seed -> results/cnn_classic
-	$(PY) experiments/cnn_classic.py
+	$(PY) experiments/cnn_classic.py $(ARGS)
 
 fig-cnn-momentum-variants: setup ## claim 4's momentum target: BN vs BNP, BNP+clipping and clipping alone, one seed -> results/cnn_momentum_variants
-	$(PY) experiments/cnn_momentum_variants.py --bracket-cap 2
+	$(PY) experiments/cnn_momentum_variants.py --bracket-cap 2 $(ARGS)
 
 fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/resnet
-	$(PY) experiments/resnet.py
+	$(PY) experiments/resnet.py $(ARGS)
 
 fig-resnet-variants: setup ## claim 4's ResNet target: BN, GN, BNP, BNP+clipping, clipping alone; batch 128 and 8, 3 seeds (GPU-sized) -> results/resnet_variants
-	$(PY) experiments/resnet_variants.py
+	$(PY) experiments/resnet_variants.py $(ARGS)
 
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
-	$(PY) experiments/hessian.py
+	$(PY) experiments/hessian.py $(ARGS)
 
 reproduce: fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-resnet-variants fig-hessian ## every paper-claim experiment
 
