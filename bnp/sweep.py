@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnp.archive import finished_runs, restore, save
+from bnp.archive import finished_runs, read, restore, save
 from bnp.report import SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report, setting_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,13 +96,19 @@ class ArchiveKeeper:
     def __init__(self, sweep_dir: Path, archive: Path):
         self.sweep_dir, self.archive, self.saved = Path(sweep_dir), Path(archive), None
 
-    def __call__(self, force: bool = False) -> None:
+    def __call__(self, final: bool = False) -> None:
         if not self.sweep_dir.is_dir():
             return
-        done = {str(run) for run in finished_runs(self.sweep_dir)}
-        if force or done != self.saved:
-            save(self.sweep_dir, self.archive)
-            self.saved = done
+        try:
+            done = {str(run) for run in finished_runs(self.sweep_dir)}
+            if final or done != self.saved:
+                save(self.sweep_dir, self.archive)
+                self.saved = done
+        except (SystemExit, OSError, ValueError) as err:
+            if final:
+                raise
+            # the sweep goes on (its runs are in the sweep directory); the next tick tries again
+            print(f"[experiment] warning: could not save {self.archive}: {err}", file=sys.stderr, flush=True)
 
 
 def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = None, tick=None) -> dict:
@@ -167,27 +173,31 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
             parser.error(f"--grids {args.grids}: this experiment has grids 1..{len(grids)}")
         grids = [grids[i - 1] for i in picked]
     cmds = commands(experiment or name, sweep_name, grids, [*fixed, *args.overrides], launcher, args.out_root)
-    sweep_dir = Path(args.out_root) / "sweeps" / sweep_name
+    sweep_dir = ROOT / args.out_root / "sweeps" / sweep_name  # where the runs go: they run in ROOT
     results = Path(args.results or (ROOT / "results" / sweep_name))
-    keep = ArchiveKeeper(sweep_dir, results / ARCHIVE)
+    archive = results / ARCHIVE
+    if archive.exists():
+        read(archive)  # a damaged archive stops here, with its name, before any run starts
+    keep = ArchiveKeeper(sweep_dir, archive)
     if args.restore:
-        if not (results / ARCHIVE).is_file():
-            parser.error(f"--restore: no archive at {results / ARCHIVE} (it is written with each report)")
-        written, kept = restore(results / ARCHIVE, sweep_dir)
-        print(f"[experiment {sweep_name}] restored {results / ARCHIVE}: {written} files written, {kept} kept", flush=True)
+        if not archive.is_file():
+            parser.error(f"--restore: no archive at {archive} (it is written with each report)")
+        written, kept = restore(archive, sweep_dir)
+        print(f"[experiment {sweep_name}] restored {archive}: {written} runs written, {kept} kept", flush=True)
     started = time.time()
-    if not args.report_only:
-        for i, cmd in enumerate(cmds, 1):
-            print(f"[experiment {sweep_name}] sweep {i}/{len(cmds)}: {shlex.join(cmd[1:])}", flush=True)
-            code = wait([subprocess.Popen(cmd, cwd=ROOT)], keep)[0]
-            keep()
-            if code != 0:
-                raise subprocess.CalledProcessError(code, cmd)
-        cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
-        if cap > 0:
-            bracket(sweep_dir, cap, sweep_name, tick=keep)
-    report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
-    keep(force=True)
+    try:
+        if not args.report_only:
+            for i, cmd in enumerate(cmds, 1):
+                print(f"[experiment {sweep_name}] sweep {i}/{len(cmds)}: {shlex.join(cmd[1:])}", flush=True)
+                code = wait([subprocess.Popen(cmd, cwd=ROOT)], keep)[0]
+                if code != 0:
+                    raise subprocess.CalledProcessError(code, cmd)
+            cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
+            if cap > 0:
+                bracket(sweep_dir, cap, sweep_name, tick=keep)
+        report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
+    finally:  # also on an error or Ctrl-C: every run finished by then is kept
+        keep(final=True)
     with open(results / "PROVENANCE.md", "a") as f:
         ran = "report only" if args.report_only else f"{len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)}"
         f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"

@@ -8,6 +8,7 @@ import tarfile
 
 import pandas as pd
 import pytest
+import yaml
 
 from bnp.archive import main, restore, save
 from bnp.report import load_runs
@@ -62,38 +63,65 @@ def test_save_then_restore_gives_the_same_report_and_the_sweep_resumes(compose, 
     assert names == expected  # no checkpoint, no W&B files, nothing of the interrupted run
 
     moved = tmp_path / "machine_b" / "sweeps" / "s"
-    assert restore(archive, moved) == (len(expected), 0)
+    assert restore(archive, moved) == (4, 0)
     before, curves_before = load_runs(sweep)
     after, curves_after = load_runs(moved)
     before = before[before["status"] != "unfinished"].drop(columns="run").reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after.drop(columns="run").reset_index(drop=True))
     assert sorted(curves_before[str(sweep / r)] == curves_after[str(moved / r)] for r in configs) == [True] * 4
     assert set(after["status"]) == {"completed", "diverged", "not_applicable"}
-    assert (moved / "bracket.json").read_text() == (sweep / "bracket.json").read_text()
+    assert json.loads((moved / "bracket.json").read_text()) == json.loads((sweep / "bracket.json").read_text())
 
     for name, cfg in configs.items():  # the resume check sees every restored run as finished
         assert run(cfg, moved / name, in_sweep=True).get("skipped") is True, name
 
 
-def test_restore_keeps_what_is_already_there(archive, tmp_path):
+def test_restore_keeps_a_finished_local_run_and_replaces_an_unfinished_one_whole(compose, archive, tmp_path):
     local = tmp_path / "b"
     (local / "none-0.03").mkdir(parents=True)
     (local / "none-0.03" / "summary.json").write_text('{"status": "completed", "mine": true}')
-    written, kept = restore(archive, local)
-    assert kept == 1 and written > 0
+    for name, status in (("bnp-0.03", None), ("none-diverged", "failed")):  # interrupted here, failed here
+        (local / name).mkdir()
+        (local / name / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
+        (local / name / "checkpoint.pt").write_bytes(b"\0")
+        if status:
+            (local / name / "summary.json").write_text(json.dumps({"status": status}))
+    assert restore(archive, local) == (3, 1)
     assert json.loads((local / "none-0.03" / "summary.json").read_text())["mine"] is True
-    assert restore(archive, local) == (0, written + kept)  # a second restore changes nothing
+    for name in ("bnp-0.03", "none-diverged"):  # the archived run, not a mix of both
+        assert (local / name / "metrics.jsonl").read_bytes() == (tmp_path / "first" / name / "metrics.jsonl").read_bytes()
+        assert not (local / name / "checkpoint.pt").exists()
+    assert restore(archive, local) == (0, 4)  # a second restore changes nothing
 
 
-def test_restore_refuses_a_path_outside_the_sweep(tmp_path):
-    archive = tmp_path / "evil.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        info = tarfile.TarInfo("../outside.txt")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"hi"))
-    with pytest.raises(SystemExit, match="outside a sweep directory"):
-        restore(archive, tmp_path / "sweep")
-    assert not (tmp_path / "outside.txt").exists()
+def test_restore_leaves_a_run_being_trained_alone(archive, tmp_path):
+    import fcntl
+
+    local = tmp_path / "b" / "bnp-0.03"
+    local.mkdir(parents=True)
+    (local / "metrics.jsonl").write_text("{}\n")
+    with open(local / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as bnp.train.run_lock holds it while training
+        assert restore(archive, tmp_path / "b") == (3, 1)
+    assert (local / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_restore_refuses_a_path_outside_the_sweep_and_names_a_damaged_archive(tmp_path):
+    for name in ("../outside.txt", "/tmp/outside.txt"):
+        evil = tmp_path / "evil.tar.gz"
+        with tarfile.open(evil, "w:gz") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+        with pytest.raises(SystemExit, match="outside a sweep directory"):
+            restore(evil, tmp_path / "sweep")
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "sweep").exists()
+    damaged = tmp_path / "damaged.tar.gz"
+    damaged.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(SystemExit, match="damaged.tar.gz is not a readable sweep archive"):
+        restore(damaged, tmp_path / "sweep")
+    with pytest.raises(SystemExit, match="not a readable sweep archive"):  # save never replaces it blindly
+        save(tmp_path, damaged)
 
 
 def test_command_line(compose, tmp_path, capsys):
@@ -131,17 +159,50 @@ def test_keeper_saves_when_more_runs_have_finished(compose, tmp_path):
 
 
 def test_saving_onto_an_archive_merges(compose, archive, tmp_path):
-    """A second machine's save keeps the first machine's runs; a run finished there replaces its copy."""
+    """A second machine's save keeps the first machine's runs; a run finished later replaces its copy
+    whole; records are merged."""
     second = tmp_path / "second"
     run(compose(*BASE, "norm=none", "optim.lr=0.01"), second / "none-0.03", in_sweep=True)  # same name, rerun
     run(compose(*BASE, "norm=bn", "optim.lr=0.03"), second / "bn-0.03", in_sweep=True)
-    (second / "invocations.jsonl").write_text(json.dumps({"id": "b", "command": "python -m bnp.train -m y"}) + "\n")
+    (second / "invocations.jsonl").write_text(json.dumps({"id": "b", "command": "python -m bnp.train -m y"}))  # no newline
+    (second / "bracket.json").write_text('{"setting": {"low": 0, "high": 2, "cap": 2}, "other": {"low": 1, "high": 0}}')
     assert save(second, archive) == 5
     merged = tmp_path / "merged"
     restore(archive, merged)
     runs, _ = load_runs(merged)
     assert sorted(p.rsplit("/", 1)[-1] for p in runs["run"]) == sorted(
         ["none-0.03", "bnp-0.03", "none-diverged", "bn-online", "bn-0.03"])
-    assert float(runs[runs["run"].str.endswith("/none-0.03")]["lr"].iloc[0]) == 0.01  # the second machine's
-    assert [json.loads(line)["id"] for line in (merged / "invocations.jsonl").read_text().splitlines()] == ["a", "b"]
+    assert float(runs[runs["run"].str.endswith("/none-0.03")]["lr"].iloc[0]) == 0.01  # the later one
     assert not (merged / "none-0.03" / ".hydra").exists()  # the replaced run's files are all the new ones
+    assert [json.loads(line)["id"] for line in (merged / "invocations.jsonl").read_text().splitlines()] == ["a", "b"]
+    assert json.loads((merged / "bracket.json").read_text()) == {
+        "setting": {"low": 1, "high": 2, "cap": 2}, "other": {"low": 1, "high": 0}}
+
+    (tmp_path / "first" / "none-0.03" / "summary.json").write_text(  # an older finished copy comes back
+        (tmp_path / "first" / "none-0.03" / "summary.json").read_text().replace('"started": "', '"started": "0'))
+    save(tmp_path / "first", archive)
+    restore(archive, tmp_path / "again")
+    assert yaml.safe_load((tmp_path / "again" / "none-0.03" / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    unchanged = archive.stat().st_mtime_ns
+    save(second, archive)  # nothing new: the file is not rewritten
+    assert archive.stat().st_mtime_ns == unchanged
+
+
+def test_the_driver_archives_the_finished_runs_of_a_sweep_that_fails(tmp_path):
+    """The second grid's command fails (Hydra finds no such norm): the driver stops with that error,
+    and the first grid's finished run is in the archive all the same."""
+    from test_search import ENV, ROOT, TINY_RUN
+
+    code = ("import sys; from bnp.sweep import run_experiment\n"
+            "run_experiment('quickstart', [{'norm': 'bnp', 'optim.lr': '0.03', 'train.seed': '0'}, {'norm': 'nosuch'}],"
+            f" fixed={TINY_RUN!r}, argv=sys.argv[1:])\n")
+    argv = [sys.executable, "-c", code, "--launcher", "basic", "--out-root", str(tmp_path), "--results",
+            str(tmp_path / "res"), "--bracket-cap", "0"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode != 0 and "CalledProcessError" in proc.stderr, proc.stderr[-2000:]
+    with tarfile.open(tmp_path / "res" / "sweep.tar.gz") as tar:
+        summaries = [json.load(tar.extractfile(n)) for n in tar.getnames() if n.endswith("summary.json")]
+    assert [s["status"] for s in summaries] == ["completed"]
+    missing = subprocess.run([*argv[:-4], "--results", str(tmp_path / "none"), "--restore"], cwd=ROOT,
+                             capture_output=True, text=True, env=ENV, timeout=600)
+    assert missing.returncode == 2 and f"--restore: no archive at {tmp_path / 'none' / 'sweep.tar.gz'}" in missing.stderr
