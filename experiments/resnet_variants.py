@@ -8,12 +8,13 @@ against no normalization; 3 seeds, every learning rate bracketed, per-layer inst
     python experiments/resnet_variants.py --grids 1,2,3,4,5 train.seed=0   # batch 128, seed 0 only
     python experiments/resnet_variants.py --smoke              # tiny offline variant (digits)
 
-Sized for a GPU: on a 2-core CPU one batch-128 run takes 10-40 minutes and a batch-8 run longer.
-The runs use experiment=resnet with the overrides in FIXED, so they are the same runs (and the same
-run directories) as `python experiments/resnet.py --suffix variants train.epochs=2
-train.diagnostics=true ...`. The committed results/resnet_variants holds the seed-0, batch-128 runs
-of bn, bnp_agc and agc made that way (its PROVENANCE.md lists the commands); the rest of this file's
-grid has not been run.
+Sized for a GPU: on a 2-core CPU (two runs at once) one batch-128 run takes 10-40 minutes and a
+batch-8 run 6-8 minutes. The runs use experiment=resnet with the overrides in FIXED, so they are the
+same runs (and the same run directories) as `python experiments/resnet.py --suffix variants
+train.epochs=2 train.diagnostics=true ...`. Committed parts (each PROVENANCE.md lists its commands):
+results/resnet_variants (seed 0, batch 128: bn, bnp_agc, agc), results/resnet_variants_b8 (seed 0,
+batch 8: grids 6 and 7 with `--suffix b8 --grids 6,7 --bracket-cap 2 train.seed=0`) and
+results/resnet_variants_seeds (batch 128, 3 seeds at the lr seed 0 chose: bn 0.01, bnp_agc 0.03).
 """
 
 from bnp.sweep import run_experiment
