@@ -13,8 +13,10 @@ batch-8 run 6-8 minutes. The runs use experiment=resnet with the overrides in FI
 same runs (and the same run directories) as `python experiments/resnet.py --suffix variants
 train.epochs=2 train.diagnostics=true ...`. Committed parts (each PROVENANCE.md lists its commands):
 results/resnet_variants (seed 0, batch 128: bn, bnp_agc, agc), results/resnet_variants_b8 (seed 0,
-batch 8: grids 6 and 7 with `--suffix b8 --grids 6,7 --bracket-cap 2 train.seed=0`) and
-results/resnet_variants_seeds (batch 128, 3 seeds at the lr seed 0 chose: bn 0.01, bnp_agc 0.03).
+batch 8: grids 6, 7 and 9 with `--suffix b8 --grids 6,7 --bracket-cap 2 train.seed=0`, then
+`--grids 9`), results/resnet_variants_seeds (batch 128, 3 seeds at the lr seed 0 chose: bn 0.01,
+bnp_agc 0.03) and results/resnet_variants_lars (grid 8 at seed 0). Each holds its sweep.tar.gz, so
+`--restore` with the same `--suffix` finishes the rest of its grids (e.g. seeds 1 and 2).
 """
 
 from bnp.sweep import run_experiment
