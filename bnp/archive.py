@@ -34,10 +34,9 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from bnp.log import read_json
+from bnp.log import finished
 from bnp.report import find_runs
 
-FINISHED = ("completed", "diverged", "not_applicable")
 INVOCATIONS, BRACKET, MULTIRUN = "invocations.jsonl", "bracket.json", "multirun.yaml"
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl")
 
@@ -45,8 +44,7 @@ Files = dict[str, bytes]  # path inside the sweep directory -> content
 
 
 def finished_runs(sweep_dir: Path) -> list[Path]:
-    return [d for d in find_runs(sweep_dir)
-            if (d / "summary.json").exists() and read_json(d / "summary.json").get("status") in FINISHED]
+    return [d for d in find_runs(sweep_dir) if finished(d)]
 
 
 def _run_of(name: str) -> str:
@@ -177,7 +175,7 @@ def restore(archive: Path, sweep_dir: Path) -> tuple[int, int]:
     written = kept = 0
     for name, run in _runs(files).items():
         target = sweep_dir / name
-        if (target / "summary.json").exists() and read_json(target / "summary.json").get("status") in FINISHED:
+        if finished(target):
             kept += 1
             continue
         if target.exists():  # unfinished or failed here: the archived finished run replaces it whole

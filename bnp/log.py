@@ -25,6 +25,15 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+FINISHED = ("completed", "diverged", "not_applicable")  # a run in one of these is skipped when run again
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run directory's summary says the run is done (bnp.train skips it; bnp.archive keeps it)."""
+    summary = Path(run_dir) / "summary.json"
+    return summary.exists() and read_json(summary).get("status") in FINISHED
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Rows of a metrics.jsonl (a torn last line from a killed run is ignored)."""
     rows = []

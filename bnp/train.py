@@ -34,7 +34,7 @@ from bnp import BNP, distributed
 from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
                         validate)
 from bnp.data import DataError, load
-from bnp.log import RunLog, read_json, write_json
+from bnp.log import FINISHED, RunLog, read_json, write_json
 from bnp.loop import CheckpointError, Interrupted, Trainer, first_line, plan
 from bnp.models import build_model
 from bnp.optim import build_optimizer
@@ -104,7 +104,7 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
         raise
     if summary_path.exists():
         previous = read_json(summary_path)
-        if previous.get("status") in ("completed", "diverged", "not_applicable") and not config.train.rerun:
+        if previous.get("status") in FINISHED and not config.train.rerun:
             print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
             return {**previous, "skipped": True}
     rank, world = distributed.setup()
