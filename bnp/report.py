@@ -4,8 +4,9 @@ Reads only the run directories' files (``config.yaml``, ``summary.json``, ``metr
 never the W&B API, so it works offline and on a laptop after a cluster sweep.
 
 The fair-comparison rule: within each setting (everything but the learning rate and the seed), the
-learning rate with the best mean validation accuracy over seeds wins; the table reports that
-learning rate's test metrics as mean +- std over seeds. Diverged, not-applicable and failed runs
+learning rate with the best mean validation accuracy over seeds wins (over the seeds every learning
+rate of the setting ran with, where some have more); the table reports that learning rate's test
+metrics as mean +- std over all of its seeds. Diverged, not-applicable and failed runs
 are counted in the status column, never dropped silently.
 """
 
@@ -133,10 +134,23 @@ def _val_for_choice(runs: pd.DataFrame) -> pd.DataFrame:
     return ok
 
 
+def _shared_seeds(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, only the seeds that every (lr, norm options) of it ran with, or all of them where
+    no seed is shared: a learning rate given more seeds later (the driver's ``--confirm-seeds``) is
+    compared with the others on the same seeds, not by a mean over more of them."""
+    kept = []
+    for _, group in ok.groupby(SETTING, dropna=False, sort=False):
+        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby(["lr", "hparams"])["seed"]))
+        kept.append(group[group["seed"].isin(shared)] if shared else group)
+    return pd.concat(kept) if kept else ok
+
+
 def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     """Per setting, the learning rate (and norm options, where several were tried) with the best
-    mean validation accuracy over seeds; a diverged run counts as 0. Ties go to the smaller lr."""
-    means = _val_for_choice(runs).groupby(SETTING + ["lr", "hparams"], as_index=False)["val_for_choice"].mean()
+    mean validation accuracy over the seeds they share (``_shared_seeds``); a diverged run counts as
+    0. Ties go to the smaller lr."""
+    shared = _shared_seeds(_val_for_choice(runs))
+    means = shared.groupby(SETTING + ["lr", "hparams"], as_index=False)["val_for_choice"].mean()
     best = means.sort_values(["val_for_choice", "lr"], ascending=[False, True]).groupby(SETTING, as_index=False).first()
     return best[SETTING + ["lr", "hparams"]]
 

@@ -17,6 +17,10 @@ are recorded in ``<sweep dir>/bracket.json`` when they finish, so an interrupted
 the report labels each choice (``lr_bracket``: interior, diverged-beyond, capped, edge, single).
 ``python -m bnp.sweep SWEEP_DIR`` brackets a sweep that was run without an experiment file.
 
+``--confirm-seeds 0,1,2`` then runs, at each setting's chosen lr, the seeds it lacks: bracket with
+one seed, confirm the winner with three (the report chooses among lrs on the seeds they share, so
+the extra seeds do not move the choice).
+
 The finished runs are kept in ``RESULTS/sweep.tar.gz`` (bnp.archive), saved whenever a run finishes
 and with each report; ``--restore`` unpacks it first, so a sweep begun on one machine and committed
 is finished on another.
@@ -75,6 +79,39 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
     return plans
 
 
+def plan_confirmations(runs, seeds: list[int]) -> list[tuple[str, list[str]]]:
+    """(setting key, the multirun's overrides) for every setting whose chosen lr has not run with
+    every one of ``seeds`` (a failed run counts as not run)."""
+    plans = []
+    for chosen, _, tried in choices(runs):
+        at_lr = tried[tried["lr"] == chosen["lr"]]
+        missing = [seed for seed in seeds if seed not in set(at_lr["seed"])]
+        template = shlex.split(at_lr["overrides"].iloc[0])
+        if not missing or not template:
+            continue
+        kept = [o for o in template if o.split("=", 1)[0] not in ("optim.lr", "train.seed")]
+        plans.append((setting_key(chosen[SETTING]),
+                      [*kept, f"optim.lr={chosen['lr']:g}", f"train.seed={','.join(str(s) for s in missing)}"]))
+    return plans
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--confirm-seeds`` 0,1,2 -> [0, 1, 2]; anything else is a clear error."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def _launch(multiruns: list[list[str]], tick=None) -> list:
+    """Run these multiruns side by side and wait for all; returns the commands that failed."""
+    procs = [subprocess.Popen([sys.executable, "-m", "bnp.train", "-m", *run], cwd=ROOT) for run in multiruns]
+    return [p.args for p, code in zip(procs, wait(procs, tick)) if code != 0]
+
+
 def wait(procs: list[subprocess.Popen], tick=None, every: float = 30.0) -> list[int]:
     """Wait for every process and return their exit codes; ``tick()`` runs every ``every`` seconds
     meanwhile (the experiment driver saves its sweep archive then)."""
@@ -126,12 +163,10 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
         at_once = parallel or max(1, (os.cpu_count() or 1) // seeds)
         for start in range(0, len(plans), at_once):
             batch = plans[start : start + at_once]
-            procs = []
             for i, (key, side, overrides) in enumerate(batch, start + 1):
                 print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
                       f"{overrides[-2]}", flush=True)
-                procs.append(subprocess.Popen([sys.executable, "-m", "bnp.train", "-m", *overrides], cwd=ROOT))
-            failed = [p.args for p, code in zip(procs, wait(procs, tick)) if code != 0]
+            failed = _launch([overrides for _, _, overrides in batch], tick)
             for key, side, _ in batch:  # recorded once finished: an interrupted round is planned again
                 entry = extensions.setdefault(key, {"low": 0, "high": 0})
                 entry[side] += 1
@@ -139,6 +174,23 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
             (Path(sweep_dir) / "bracket.json").write_text(json.dumps(extensions, indent=1, sort_keys=True) + "\n")
             if failed:
                 raise subprocess.CalledProcessError(1, failed[0])
+
+
+def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | None = None, tick=None) -> int:
+    """Run ``seeds`` at each setting's chosen lr where it lacks some (``plan_confirmations``); returns
+    how many settings got seeds. Side by side as in ``bracket``."""
+    runs, _ = load_runs(sweep_dir)
+    plans = plan_confirmations(runs, seeds)
+    at_once = parallel or max(1, (os.cpu_count() or 1) // len(seeds))
+    for start in range(0, len(plans), at_once):
+        batch = plans[start : start + at_once]
+        for i, (key, overrides) in enumerate(batch, start + 1):
+            print(f"[experiment {label}] confirming {i}/{len(plans)}: {key} at {overrides[-2]}: {overrides[-1]}",
+                  flush=True)
+        failed = _launch([overrides for _, overrides in batch], tick)
+        if failed:
+            raise subprocess.CalledProcessError(1, failed[0])
+    return len(plans)
 
 
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
@@ -160,6 +212,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
                         "(1-based, in the file's order)")
     parser.add_argument("--bracket-cap", type=int, default=None,
                         help="lr extensions per edge of a setting's grid (default 3, smoke 1; 0: none)")
+    parser.add_argument("--confirm-seeds", type=parse_seeds, default=None, metavar="SEEDS",
+                        help="after bracketing, run these seeds (e.g. 0,1,2) at each setting's chosen lr")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
                         "one of a grid's keys replaces its values, e.g. norm=none,bnp")
     args = parser.parse_args(argv)
@@ -195,6 +249,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
             cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
             if cap > 0:
                 bracket(sweep_dir, cap, sweep_name, tick=keep)
+            if args.confirm_seeds:
+                confirm(sweep_dir, args.confirm_seeds, sweep_name, tick=keep)
         report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
     finally:  # also on an error or Ctrl-C: every run finished by then is kept
         keep(final=True)
@@ -215,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/sweeps/quickstart")
     parser.add_argument("--cap", type=int, default=3, help="lr extensions per edge of a setting (default 3)")
     parser.add_argument("--parallel", type=int, default=None, help="extensions run at once (default: CPUs / seeds)")
+    parser.add_argument("--confirm-seeds", type=parse_seeds, default=None, metavar="SEEDS",
+                        help="then run these seeds (e.g. 0,1,2) at each setting's chosen lr")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir: {args.sweep_dir} is not a directory (expected a sweep, e.g. outputs/sweeps/NAME)")
@@ -227,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     extensions = bracket(args.sweep_dir, args.cap, args.sweep_dir.name, args.parallel)
     made = sum(e["low"] + e["high"] for e in extensions.values())
     print(f"[bracket {args.sweep_dir.name}] done: {made} lr extensions (per setting: {args.sweep_dir / 'bracket.json'})")
+    if args.confirm_seeds:
+        confirmed = confirm(args.sweep_dir, args.confirm_seeds, args.sweep_dir.name, args.parallel)
+        print(f"[bracket {args.sweep_dir.name}] confirmed: {confirmed} settings given seeds {args.confirm_seeds}")
 
 
 if __name__ == "__main__":

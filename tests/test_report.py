@@ -77,3 +77,19 @@ def test_experiment_overrides_replace_grid_values():
     assert [c[c.index("out_root=outputs") + 1 :] for c in cmds] == [
         ["train.batch_size=8", "norm=none,bn,bnp", "optim.lr=0.1,0.3"], ["norm=none,bn,bnp", "train.batch_size=8"]
     ]
+
+
+def test_learning_rate_is_chosen_on_the_seeds_every_lr_shares():
+    """Seeds added later at one lr (the driver's --confirm-seeds) must not win it the choice: the
+    lrs are compared on the seeds they all ran with; the table then shows all the chosen lr's seeds."""
+    def row(norm, lr, seed, acc, status="completed"):
+        return {"data": "d", "model": "m", "norm": norm, "batch_size": 8, "optim": "sgd", "lr": lr, "hparams": "",
+                "seed": seed, "status": status, "best_val_acc": acc}
+
+    runs = pd.DataFrame([row("bnp", 0.01, 0, 0.80), row("bnp", 0.03, 0, 0.78),
+                         row("bnp", 0.03, 1, 0.95), row("bnp", 0.03, 2, 0.95),  # mean 0.89 > 0.80, but not on seed 0
+                         row("bn", 0.01, 0, 0.70), row("bn", 0.03, 1, 0.75),  # no shared seed: all of them count
+                         row("ln", 0.01, 0, 0.70), row("ln", 0.01, 1, 0.70), row("ln", 0.03, 0, 0.90),
+                         row("ln", 0.03, 1, 0.0, "failed")])  # a failed run is not a seed that ran
+    chosen = pick_learning_rates(runs).set_index("norm")["lr"]
+    assert chosen.to_dict() == {"bnp": 0.01, "bn": 0.03, "ln": 0.03}

@@ -39,14 +39,18 @@ def test_bracket_labels():
     assert lr_bracket(diverged, 0.03, "") == "diverged-beyond"
 
 
-def planned(rows, extensions=None, cap=3):
-    from bnp.sweep import plan_extensions
-
-    runs = pd.DataFrame([{"data": "d", "model": "m", "norm": "bnp", "batch_size": 8, "optim": "sgd", "lr": lr,
+def sweep_frame(rows):
+    """A sweep's runs as bnp.report.load_runs gives them, from (lr, seed, status, best_val_acc)."""
+    return pd.DataFrame([{"data": "d", "model": "m", "norm": "bnp", "batch_size": 8, "optim": "sgd", "lr": lr,
                           "hparams": "", "seed": seed, "status": st, "best_val_acc": acc,
                           "overrides": f"experiment=x norm=bnp optim.lr={lr} train.seed={seed} model.width=[2,3]"}
                          for lr, seed, st, acc in rows])
-    return plan_extensions(runs, extensions or {}, cap)
+
+
+def planned(rows, extensions=None, cap=3):
+    from bnp.sweep import plan_extensions
+
+    return plan_extensions(sweep_frame(rows), extensions or {}, cap)
 
 
 def test_extensions_go_one_grid_step_beyond_the_winning_edge_with_the_same_seeds():
@@ -131,3 +135,53 @@ def test_optuna_study_on_digits_resumes_and_reports_the_best_trial(tmp_path):
     row = pd.read_csv(tmp_path / "rep" / "table.csv").iloc[0]
     assert row["lr"] == pytest.approx(best["best_params"]["optim.lr"])
     assert f"eps={best['best_params']['norm.eps']}" in row["hparams"]
+
+
+def confirmations(rows, seeds):
+    from bnp.sweep import plan_confirmations
+
+    return plan_confirmations(sweep_frame(rows), seeds)
+
+
+def test_confirmation_runs_the_missing_seeds_at_the_chosen_lr_only():
+    screened = [(0.01, 0, "completed", 0.5), (0.03, 0, "completed", 0.7), (0.1, 0, "diverged", 0.0)]
+    [(key, overrides)] = confirmations(screened, [0, 1, 2])
+    assert key == "d|m|bnp|8|sgd"
+    assert overrides == ["experiment=x", "norm=bnp", "model.width=[2,3]", "optim.lr=0.03", "train.seed=1,2"]
+    confirmed = screened + [(0.03, 1, "completed", 0.4), (0.03, 2, "failed", 0.0)]  # worse seeds do not move the choice
+    assert confirmations(confirmed, [0, 1, 2])[0][1][-2:] == ["optim.lr=0.03", "train.seed=2"]  # the failed one again
+    assert confirmations(confirmed + [(0.03, 2, "completed", 0.6)], [0, 1, 2]) == []
+
+
+@pytest.mark.parametrize("text", ["0,x", "0,0", ""])
+def test_confirm_seeds_names_the_bad_value(text):
+    import argparse
+
+    from bnp.sweep import parse_seeds
+
+    with pytest.raises(argparse.ArgumentTypeError, match="seeds"):
+        parse_seeds(text)
+
+
+def test_driver_confirms_the_chosen_lr_with_more_seeds(tmp_path):
+    """Through the experiment driver: screen two lrs on seed 0, then --confirm-seeds 0,1 runs seed 1 at
+    the chosen lr only; the table reports both seeds; a rerun has nothing left to do."""
+    code = (
+        "import sys; from bnp.sweep import run_experiment\n"
+        "run_experiment('quickstart', [{'norm': 'none', 'optim.lr': '0.0001,0.1', 'train.seed': '0'}],"
+        f" fixed={TINY_RUN!r}, argv=sys.argv[1:])\n"
+    )
+    argv = [sys.executable, "-c", code, "--launcher", "basic", "--out-root", str(tmp_path), "--results",
+            str(tmp_path / "res"), "--bracket-cap", "0", "--suffix", "conf", "--confirm-seeds", "0,1"]
+    first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "confirming 1/1" in first.stdout
+    runs = pd.read_csv(tmp_path / "res" / "runs.csv")
+    table = pd.read_csv(tmp_path / "res" / "table.csv").iloc[0]
+    assert sorted(runs[runs["lr"] == table["lr"]]["seed"]) == [0, 1] and len(runs) == 3
+    assert table["seeds"] == 2 and "±" in table["test_acc"]
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0 and "confirming" not in again.stdout
+    assert len(pd.read_csv(tmp_path / "res" / "runs.csv")) == 3
+    bad = subprocess.run([*argv[:-1], "0,one"], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert bad.returncode == 2 and "--confirm-seeds" in bad.stderr
