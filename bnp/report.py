@@ -130,8 +130,16 @@ def _mean_std(values: pd.Series, digits: int = 4) -> str:
 
 def _val_for_choice(runs: pd.DataFrame) -> pd.DataFrame:
     ok = runs[runs["status"].isin(["completed", "diverged"])].copy()
+    ok["hparams"] = ok["hparams"].astype(object).fillna("")  # a runs.csv read back has NaN for no options
     ok["val_for_choice"] = ok["best_val_acc"].where(ok["status"] == "completed", 0.0).fillna(0.0)
     return ok
+
+
+def seeds_shared(ok: pd.DataFrame) -> set:
+    """The seeds that every (lr, norm options) of one setting's usable runs (completed or diverged)
+    ran with."""
+    per_lr = [set(seeds) for _, seeds in ok.groupby(["lr", "hparams"], dropna=False)["seed"]]
+    return set.intersection(*per_lr) if per_lr else set()
 
 
 def _shared_seeds(ok: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +148,7 @@ def _shared_seeds(ok: pd.DataFrame) -> pd.DataFrame:
     compared with the others on the same seeds, not by a mean over more of them."""
     kept = []
     for _, group in ok.groupby(SETTING, dropna=False, sort=False):
-        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby(["lr", "hparams"])["seed"]))
+        shared = seeds_shared(group)
         kept.append(group[group["seed"].isin(shared)] if shared else group)
     return pd.concat(kept) if kept else ok
 

@@ -19,7 +19,7 @@ the report labels each choice (``lr_bracket``: interior, diverged-beyond, capped
 
 ``--confirm-seeds 0,1,2`` then runs, at each setting's chosen lr, the seeds it lacks: bracket with
 one seed, confirm the winner with three (the report chooses among lrs on the seeds they share, so
-the extra seeds do not move the choice).
+the extra seeds do not move the choice; a setting whose lrs share no seed is left out).
 
 The finished runs are kept in ``RESULTS/sweep.tar.gz`` (bnp.archive), saved whenever a run finishes
 and with each report; ``--restore`` unpacks it first, so a sweep begun on one machine and committed
@@ -38,10 +38,13 @@ import time
 from pathlib import Path
 
 from bnp.archive import finished_runs, read, restore, save
-from bnp.report import SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report, setting_key
+from bnp.report import (SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report,
+                        seeds_shared, setting_key)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = "sweep.tar.gz"  # the finished runs, beside the report (bnp.archive)
+# a run's overrides that a new multirun sets itself; ``sweeper``: the new runs are a grid, not an Optuna study
+NOT_REPEATED = ("optim.lr", "train.seed", "sweeper")
 
 
 def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
@@ -73,25 +76,33 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
         template = shlex.split(tried["overrides"].iloc[0])
         if not template:  # a run without Hydra's record of its overrides cannot be repeated
             continue
-        kept = [o for o in template if o.split("=", 1)[0] not in ("optim.lr", "train.seed")]
-        seeds = ",".join(str(s) for s in sorted(tried["seed"].unique()))
+        kept = [o for o in template if o.split("=", 1)[0] not in NOT_REPEATED]
+        # the seeds every lr ran with: after --confirm-seeds, an extension is screened on one seed again
+        seeds = ",".join(str(s) for s in sorted(seeds_shared(tried) or set(tried["seed"])))
         plans.append((key, "high" if up else "low", [*kept, f"optim.lr={next_lr(lrs, up):g}", f"train.seed={seeds}"]))
     return plans
 
 
 def plan_confirmations(runs, seeds: list[int]) -> list[tuple[str, list[str]]]:
     """(setting key, the multirun's overrides) for every setting whose chosen lr has not run with
-    every one of ``seeds`` (a failed run counts as not run)."""
+    every one of ``seeds`` (a failed run counts as not run). A setting whose lrs share no seed is
+    left out with a warning: there the new seeds could move the choice."""
     plans = []
     for chosen, _, tried in choices(runs):
+        key = setting_key(chosen[SETTING])
         at_lr = tried[tried["lr"] == chosen["lr"]]
         missing = [seed for seed in seeds if seed not in set(at_lr["seed"])]
         template = shlex.split(at_lr["overrides"].iloc[0])
         if not missing or not template:
             continue
-        kept = [o for o in template if o.split("=", 1)[0] not in ("optim.lr", "train.seed")]
-        plans.append((setting_key(chosen[SETTING]),
-                      [*kept, f"optim.lr={chosen['lr']:g}", f"train.seed={','.join(str(s) for s in missing)}"]))
+        if not seeds_shared(tried):
+            print(f"[confirm] warning: {key}: its lrs share no seed; run one seed at every lr first",
+                  file=sys.stderr, flush=True)
+            continue
+        # the lr exactly as the chosen runs were given it (their directory names spell it so)
+        lr = next((o for o in template if o.startswith("optim.lr=")), f"optim.lr={chosen['lr']!r}")
+        kept = [o for o in template if o.split("=", 1)[0] not in NOT_REPEATED]
+        plans.append((key, [*kept, lr, f"train.seed={','.join(str(s) for s in missing)}"]))
     return plans
 
 
@@ -101,8 +112,8 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, e.g. 0,1,2; got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, e.g. 0,1,2; got {text!r}")
     return seeds
 
 
@@ -181,7 +192,8 @@ def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | 
     how many settings got seeds. Side by side as in ``bracket``."""
     runs, _ = load_runs(sweep_dir)
     plans = plan_confirmations(runs, seeds)
-    at_once = parallel or max(1, (os.cpu_count() or 1) // len(seeds))
+    most = max((len(overrides[-1].split("=", 1)[1].split(",")) for _, overrides in plans), default=1)
+    at_once = parallel or max(1, (os.cpu_count() or 1) // most)
     for start in range(0, len(plans), at_once):
         batch = plans[start : start + at_once]
         for i, (key, overrides) in enumerate(batch, start + 1):

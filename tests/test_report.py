@@ -89,7 +89,13 @@ def test_learning_rate_is_chosen_on_the_seeds_every_lr_shares():
     runs = pd.DataFrame([row("bnp", 0.01, 0, 0.80), row("bnp", 0.03, 0, 0.78),
                          row("bnp", 0.03, 1, 0.95), row("bnp", 0.03, 2, 0.95),  # mean 0.89 > 0.80, but not on seed 0
                          row("bn", 0.01, 0, 0.70), row("bn", 0.03, 1, 0.75),  # no shared seed: all of them count
-                         row("ln", 0.01, 0, 0.70), row("ln", 0.01, 1, 0.70), row("ln", 0.03, 0, 0.90),
-                         row("ln", 0.03, 1, 0.0, "failed")])  # a failed run is not a seed that ran
+                         # a failed run is not a seed that ran: the lrs share seed 0 only (0.80 > 0.70)
+                         row("ln", 0.01, 0, 0.70), row("ln", 0.01, 1, 0.95), row("ln", 0.03, 0, 0.80),
+                         row("ln", 0.03, 1, 0.0, "failed"),
+                         # a diverged run is a seed that ran (as 0): the lrs share seeds 0 and 1 (0.825 > 0.40)
+                         row("gn", 0.01, 0, 0.70), row("gn", 0.01, 1, 0.95), row("gn", 0.03, 0, 0.80),
+                         row("gn", 0.03, 1, 0.0, "diverged")])
     chosen = pick_learning_rates(runs).set_index("norm")["lr"]
-    assert chosen.to_dict() == {"bnp": 0.01, "bn": 0.03, "ln": 0.03}
+    assert chosen.to_dict() == {"bnp": 0.01, "bn": 0.03, "ln": 0.03, "gn": 0.01}
+    runs["hparams"] = float("nan")  # as pd.read_csv gives an empty column
+    assert pick_learning_rates(runs).set_index("norm")["lr"].to_dict() == chosen.to_dict()

@@ -148,12 +148,24 @@ def test_confirmation_runs_the_missing_seeds_at_the_chosen_lr_only():
     [(key, overrides)] = confirmations(screened, [0, 1, 2])
     assert key == "d|m|bnp|8|sgd"
     assert overrides == ["experiment=x", "norm=bnp", "model.width=[2,3]", "optim.lr=0.03", "train.seed=1,2"]
-    confirmed = screened + [(0.03, 1, "completed", 0.4), (0.03, 2, "failed", 0.0)]  # worse seeds do not move the choice
-    assert confirmations(confirmed, [0, 1, 2])[0][1][-2:] == ["optim.lr=0.03", "train.seed=2"]  # the failed one again
+    # a much worse seed 1 (mean 0.45 < 0.5 at 0.01) does not move the choice; the failed seed 2 runs again
+    confirmed = screened + [(0.03, 1, "completed", 0.2), (0.03, 2, "failed", 0.0)]
+    assert confirmations(confirmed, [0, 1, 2])[0][1][-2:] == ["optim.lr=0.03", "train.seed=2"]
     assert confirmations(confirmed + [(0.03, 2, "completed", 0.6)], [0, 1, 2]) == []
+    assert confirmations([(0.01, 0, "completed", 0.5), (0.03, 1, "completed", 0.7)], [0, 1]) == []  # no shared seed
+    # after confirming, a later extension is screened on the shared seed only, and never as an Optuna study
+    edge = [(0.01, 0, "completed", 0.5), (0.03, 0, "completed", 0.7), (0.03, 1, "completed", 0.7)]
+    [(_, side, overrides)] = planned(edge)
+    assert side == "high" and overrides[-2:] == ["optim.lr=0.1", "train.seed=0"]
+    optuna = sweep_frame(screened)
+    optuna["overrides"] = "sweeper=optuna norm=bnp optim.lr=0.0312345678901 train.seed=0"
+    from bnp.sweep import plan_confirmations
+
+    [(_, overrides)] = plan_confirmations(optuna, [0, 1])
+    assert overrides == ["norm=bnp", "optim.lr=0.0312345678901", "train.seed=1"]  # the lr exactly as it ran
 
 
-@pytest.mark.parametrize("text", ["0,x", "0,0", ""])
+@pytest.mark.parametrize("text", ["0,x", "0,0", "", "-1,2"])
 def test_confirm_seeds_names_the_bad_value(text):
     import argparse
 
