@@ -6,6 +6,13 @@ the BN and BNP papers used), at batch sizes 128 (2 epochs, 3 seeds) and 8 (1 epo
     python experiments/cnn.py                              # full sweep -> results/cnn
     python experiments/cnn.py --suffix cifar10 data=cifar10 model.channels=[32,64]   # CIFAR-10
     python experiments/cnn.py --smoke                      # tiny offline variant (digits)
+
+On a CPU budget, screen on one seed and confirm the chosen lrs on three (bnp.sweep):
+    python experiments/cnn.py --suffix fc --grids 1,2 model.head=fc train.seed=0 --confirm-seeds 0,1,2
+results/cnn_fc_seeds and results/cnn_fc_b8_seeds hold 3 seeds of the fc head at batch 128 and 8 at
+the lrs results/cnn_fc chose (`--suffix fc_seeds --grids 1 --bracket-cap 0 model.head=fc norm=X
+optim.lr=Y`, `--suffix fc_b8_seeds --grids 2 ...`; their PROVENANCE.md); results/cnn_gap_b8 the GAP
+head at batch 8 (`--suffix gap_b8 --grids 2 --bracket-cap 1 model.head=gap`, seed 0).
 """
 
 from bnp.sweep import run_experiment
