@@ -5,6 +5,10 @@ BNP's statistics momentum 0.01 beat the automatic 0.1 (min(0.1, batch / 100)) at
 
     python experiments/cnn_classic.py           # -> results/cnn_classic
     python experiments/cnn_classic.py --smoke   # tiny offline variant (digits)
+    python experiments/cnn_classic.py --confirm-seeds 0,1,2   # then 3 seeds at each chosen lr
+
+results/cnn_classic_seeds holds 3 seeds of BatchNorm and BNP at the lrs results/cnn_classic chose
+(`--suffix seeds --grids 1 --bracket-cap 0 norm=X optim.lr=Y train.seed=0,1,2`, its PROVENANCE.md).
 """
 
 from bnp.sweep import run_experiment
