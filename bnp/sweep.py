@@ -117,6 +117,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _at_once(multiruns: list[list[str]], parallel: int | None) -> int:
+    """How many of these multiruns (each ending in ``train.seed=...``) run side by side: ``parallel``,
+    or as many as leave each seed a CPU."""
+    seeds = max((len(run[-1].split("=", 1)[1].split(",")) for run in multiruns), default=1)
+    return parallel or max(1, (os.cpu_count() or 1) // seeds)
+
+
 def _launch(multiruns: list[list[str]], tick=None) -> list:
     """Run these multiruns side by side and wait for all; returns the commands that failed."""
     procs = [subprocess.Popen([sys.executable, "-m", "bnp.train", "-m", *run], cwd=ROOT) for run in multiruns]
@@ -170,8 +177,7 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
         plans = plan_extensions(runs, extensions, cap)
         if not plans:
             return extensions
-        seeds = max(len(overrides[-1].split("=", 1)[1].split(",")) for _, _, overrides in plans)
-        at_once = parallel or max(1, (os.cpu_count() or 1) // seeds)
+        at_once = _at_once([overrides for _, _, overrides in plans], parallel)
         for start in range(0, len(plans), at_once):
             batch = plans[start : start + at_once]
             for i, (key, side, overrides) in enumerate(batch, start + 1):
@@ -192,8 +198,7 @@ def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | 
     how many settings got seeds. Side by side as in ``bracket``."""
     runs, _ = load_runs(sweep_dir)
     plans = plan_confirmations(runs, seeds)
-    most = max((len(overrides[-1].split("=", 1)[1].split(",")) for _, overrides in plans), default=1)
-    at_once = parallel or max(1, (os.cpu_count() or 1) // most)
+    at_once = _at_once([overrides for _, overrides in plans], parallel)
     for start in range(0, len(plans), at_once):
         batch = plans[start : start + at_once]
         for i, (key, overrides) in enumerate(batch, start + 1):

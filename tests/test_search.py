@@ -144,6 +144,8 @@ def confirmations(rows, seeds):
 
 
 def test_confirmation_runs_the_missing_seeds_at_the_chosen_lr_only():
+    from bnp.sweep import plan_confirmations
+
     screened = [(0.01, 0, "completed", 0.5), (0.03, 0, "completed", 0.7), (0.1, 0, "diverged", 0.0)]
     [(key, overrides)] = confirmations(screened, [0, 1, 2])
     assert key == "d|m|bnp|8|sgd"
@@ -159,8 +161,6 @@ def test_confirmation_runs_the_missing_seeds_at_the_chosen_lr_only():
     assert side == "high" and overrides[-2:] == ["optim.lr=0.1", "train.seed=0"]
     optuna = sweep_frame(screened)
     optuna["overrides"] = "sweeper=optuna norm=bnp optim.lr=0.0312345678901 train.seed=0"
-    from bnp.sweep import plan_confirmations
-
     [(_, overrides)] = plan_confirmations(optuna, [0, 1])
     assert overrides == ["norm=bnp", "optim.lr=0.0312345678901", "train.seed=1"]  # the lr exactly as it ran
 
