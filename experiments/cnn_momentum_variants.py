@@ -7,6 +7,12 @@ bracketed, per-layer instruments logged.
 
     python experiments/cnn_momentum_variants.py           # -> results/cnn_momentum_variants
     python experiments/cnn_momentum_variants.py --smoke   # tiny offline variant (digits)
+
+results/cnn_momentum_variants predates the sweep archive (no sweep.tar.gz), so its runs cannot be
+restored to add seeds; results/cnn_momentum_variants_seeds holds 3 seeds at the lrs that table chose,
+one sweep per method, seed 0 run again, e.g.
+    python experiments/cnn_momentum_variants.py --suffix seeds --grids 3 --bracket-cap 0 \
+        --launcher basic optim.lr=0.03 train.seed=0,1,2 train.threads=1
 """
 
 from bnp.sweep import run_experiment
