@@ -7,8 +7,8 @@ one seed each (the 2-core CPU budget), every learning rate bracketed, per-layer 
     python experiments/bnp_variants.py --smoke    # tiny offline variant (digits)
 
 results/bnp_variants predates the sweep archive, so its runs cannot be restored to add seeds;
-results/bnp_variants_seeds holds 3 seeds at the lrs that table chose, one sweep per method, seed 0
-run again, e.g.
+results/bnp_variants_seeds holds 3 seeds at the lrs that table chose (and two lrs below them for
+none and bnp_skipends), one sweep per method and lr, seed 0 run again, e.g.
     python experiments/bnp_variants.py --suffix seeds --grids 2 --bracket-cap 0 --launcher basic \
         norm=bnp optim.lr=0.03 train.seed=0,1,2 train.threads=1
 
