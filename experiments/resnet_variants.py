@@ -17,7 +17,7 @@ batch 8: grids 6, 7 and 9 with `--suffix b8 --grids 6,7 --bracket-cap 2 train.se
 `--grids 9`), results/resnet_variants_seeds (batch 128, 3 seeds at the lr seed 0 chose: bn 0.01,
 bnp_agc 0.03, agc 0.1; and gn, bracketed on seed 0 there with `--grids 1 --bracket-cap 2
 --confirm-seeds 0,1,2 norm=gn train.seed=0`: 0.03), results/resnet_variants_b8_seeds (batch 8, 3 seeds at the lr seed 0 chose: bn 0.003,
-gn 0.01, bnp_agc 0.01, bnp 0.001) and results/resnet_variants_lars (grid 8 at seed 0, then seeds 1 and 2 at the chosen lrs). Each holds its sweep.tar.gz, so
+gn 0.01, bnp_agc 0.01, bnp 0.001) and results/resnet_variants_lars (grid 8 at seed 0, then `lars` at lr 0.3 and seeds 1 and 2 at the chosen lrs). Each holds its sweep.tar.gz, so
 `--restore` with the same `--suffix` finishes the rest of its grids (e.g. seeds 1 and 2), and
 `--confirm-seeds 0,1,2` adds the seeds at the chosen lrs only (bnp.sweep).
 """
