@@ -30,11 +30,12 @@ import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from bnp.log import finished
+from bnp.log import Unreadable, finished, read_summary
 from bnp.report import find_runs
 
 INVOCATIONS, BRACKET, MULTIRUN = "invocations.jsonl", "bracket.json", "multirun.yaml"
@@ -45,6 +46,17 @@ Files = dict[str, bytes]  # path inside the sweep directory -> content
 
 def finished_runs(sweep_dir: Path) -> list[Path]:
     return [d for d in find_runs(sweep_dir) if finished(d)]
+
+
+def damaged_runs(sweep_dir: Path) -> list[str]:
+    """Why each run with a torn summary.json is left out of an archive (it is not finished)."""
+    damaged = []
+    for run_dir in find_runs(sweep_dir):
+        try:
+            read_summary(run_dir)
+        except Unreadable as err:
+            damaged.append(str(err))
+    return damaged
 
 
 def _run_of(name: str) -> str:
@@ -211,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         n = save(args.sweep_dir, args.archive)
         size = f" ({args.archive.stat().st_size / 1e6:.2f} MB)" if args.archive.exists() else ""
         print(f"[archive] {args.sweep_dir} -> {args.archive}: {n} finished runs{size}")
+        damaged = damaged_runs(args.sweep_dir)
+        if damaged:
+            print(f"[archive] left out {len(damaged)} runs with an unreadable summary (train them again to "
+                  f"repair): {'; '.join(damaged)}", file=sys.stderr)
     else:
         if not args.archive.is_file():
             raise SystemExit(f"error: no archive at {args.archive}")

@@ -115,11 +115,12 @@ def _locate(cfg: DataConfig, places: list[tuple[str, Path]], read) -> dict[str, 
         except DataError:
             raise
         except Exception as err:  # no network, HTTP errors, checksum mismatches ...
-            tried.append(f"torchvision download into {cfg.root}: {type(err).__name__}: {str(err)[:200]}")
+            why = " ".join(str(err).split())[:200]  # one line: the error is shown on one line
+            tried.append(f"torchvision download into {cfg.root}: {type(err).__name__}: {why}")
     else:
         tried.append("torchvision download: skipped (data.download=false)")
     raise DataError(
-        f"data.name={cfg.name}: no usable copy found ({HOW_TO_GET[cfg.name]}). Tried:\n  - " + "\n  - ".join(tried)
+        f"data.name={cfg.name}: no usable copy found ({HOW_TO_GET[cfg.name]}). Tried: " + "; ".join(tried)
     )
 
 

@@ -48,6 +48,9 @@ class NullLog:
     def truncate(self, offset: int) -> None:
         pass
 
+    def replay(self) -> int:
+        return 0
+
     def log(self, row: dict) -> None:
         pass
 

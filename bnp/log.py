@@ -28,10 +28,33 @@ def read_json(path: Path) -> Any:
 FINISHED = ("completed", "diverged", "not_applicable")  # a run in one of these is skipped when run again
 
 
+class Unreadable(ValueError):
+    """A run file that exists but cannot be parsed (cut mid-write by a full disk, edited by hand)."""
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A run directory's summary.json: None if there is none; Unreadable (naming the file) if it is
+    torn, so callers decide whether that run counts as unfinished (training) or damaged (reports)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Unreadable(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(summary, dict):
+        raise Unreadable(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary
+
+
 def finished(run_dir: Path) -> bool:
-    """Whether the run directory's summary says the run is done (bnp.train skips it; bnp.archive keeps it)."""
-    summary = Path(run_dir) / "summary.json"
-    return summary.exists() and read_json(summary).get("status") in FINISHED
+    """Whether the run directory's summary says the run is done (bnp.train skips it; bnp.archive
+    keeps it). A torn summary is not finished: the run is trained again and writes a new one."""
+    try:
+        summary = read_summary(run_dir)
+    except Unreadable:
+        return False
+    return summary is not None and summary.get("status") in FINISHED
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -91,16 +114,35 @@ class RunLog:
         return self.file.tell()
 
     def truncate(self, offset: int) -> None:
-        """Drop rows written after ``offset`` (resume from a checkpoint taken there)."""
+        """Drop rows written after ``offset`` (resume from a checkpoint taken there; 0: start over).
+        The file must hold ``offset`` bytes: truncating a shorter file would pad it with NUL bytes."""
         self.file.flush()
+        size = self.path.stat().st_size
+        if size < offset:
+            raise ValueError(f"{self.path} holds {size} bytes, fewer than the {offset} to keep")
         self.file.truncate(offset)
         self.file.seek(offset)
+
+    def replay(self) -> int:
+        """Send every row of metrics.jsonl to W&B again (a resumed run: a killed session's W&B file
+        may hold none of the rows before the checkpoint, and each offline session is synced on its
+        own); returns the number of rows sent."""
+        if self.wandb_run is None:
+            return 0
+        self.file.flush()
+        rows = read_metrics(self.path)
+        for row in rows:
+            self._to_wandb(row)
+        return len(rows)
 
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(_finite_or_none(row)) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._to_wandb(row)
+
+    def _to_wandb(self, row: dict) -> None:
+        self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def close(self, summary: dict | None) -> None:
         self.file.close()

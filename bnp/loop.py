@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,11 +145,23 @@ class Trainer:
         os.replace(tmp, self.checkpoint)  # atomic: a kill never leaves a torn checkpoint
 
     def resume(self) -> bool:
-        """Load the checkpoint if there is one; True if training continues from it."""
+        """Load the checkpoint if there is one; True if training continues from it. Without one (none
+        written yet, or metrics.jsonl lost rows it counts on) the run starts over, its metrics too."""
         if not self.checkpoint.exists():
+            self.log.truncate(0)  # rows of an attempt killed before its first checkpoint
             return False
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+        except Exception as err:
+            raise self._unusable(err) from err
+        try:
+            self.log.truncate(state["metrics_offset"])
+        except ValueError as err:  # the rows before the checkpoint are gone: no run could end with them
+            print(f"[bnp] warning: {err}, which {self.checkpoint.name} continues; starting the run over",
+                  file=sys.stderr, flush=True)
+            self.log.truncate(0)
+            return False
+        try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -157,18 +170,21 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
         except Exception as err:
-            raise CheckpointError(
-                f"{self.checkpoint}: cannot resume from it ({type(err).__name__}: {first_line(err)[:200]}); it is "
-                "truncated, corrupt or from another configuration. Start the run over with train.rerun=true "
-                "(this replaces its metrics and checkpoint)") from err
+            raise self._unusable(err) from err
         p = state["progress"]
         for name in self.PROGRESS:
             if name in p:  # checkpoints from before the divergence rule have no initial_loss
                 setattr(self, name, p[name])
         for name in self.SUMS:
             getattr(self, name).fill_(p[name])
-        self.log.truncate(state["metrics_offset"])
+        self.log.replay()  # W&B gets the rows before the checkpoint again (the killed session may lack them)
         return True
+
+    def _unusable(self, err: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"{self.checkpoint}: cannot resume from it ({type(err).__name__}: {first_line(err)[:200]}); it is "
+            f"truncated, corrupt or from another configuration. Delete it to start this run over (rm "
+            f"{self.checkpoint}), or redo the run with train.rerun=true")
 
     # ------------------------------------------------------------------ data
     def epoch_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +315,10 @@ class Trainer:
         return self.summary()
 
     def _run(self, progress) -> None:
-        cfg, sync = self.cfg, (torch.cuda.synchronize if self.device.type == "cuda" else lambda: None)
-        if self.step == 0 and not self.log_has_start():
-            self._evaluate()  # the untrained model, step 0
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        if self.step == 0 and self.initial_loss is None:  # not resumed from the step-0 checkpoint
+            self._evaluate()  # the untrained model, step 0: the divergence rule's scale
+            self.save()  # so a run stopped before its first evaluation resumes with it
             if progress is not None:
                 progress(self)
         tick, samples = time.perf_counter(), 0
@@ -343,9 +360,6 @@ class Trainer:
     def at_eval(self, step: int) -> bool:
         """Whether ``step`` ends with an evaluation (and a checkpoint)."""
         return step % self.eval_every == 0 or step == self.total_steps
-
-    def log_has_start(self) -> bool:
-        return self.log.offset() > 0
 
     def summary(self) -> dict:
         correct, seen = (t.item() for t in summed(self.correct, self.seen))

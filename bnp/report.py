@@ -8,6 +8,14 @@ learning rate with the best mean validation accuracy over seeds wins (over the s
 rate of the setting ran with, where some have more); the table reports that learning rate's test
 metrics as mean +- std over all of its seeds. Diverged, not-applicable and failed runs
 are counted in the status column, never dropped silently.
+
+A setting is data, model, norm, batch size and optimizer, plus every other config value that
+differs among those runs (the ``config`` column, e.g. ``optim.momentum=0.9,train.steps=600``),
+except the lr, the seed, the norm's options (``hparams``: chosen between like lrs) and values that
+do not change what is trained (``NOT_SETTING``: threads, device, logging, paths). Two runs of the
+same config and seed count once: the finished one, or of two finished ones the later (a warning
+names both). A run whose files cannot be read is listed and counted as ``damaged``; the rest of the
+report is written all the same.
 """
 
 from __future__ import annotations
@@ -26,9 +34,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bnp.log import read_json, read_metrics
+from bnp.log import FINISHED, Unreadable, read_json, read_metrics, read_summary
 
-SETTING = ["data", "model", "norm", "batch_size", "optim"]
+SETTING = ["data", "model", "norm", "batch_size", "optim", "config"]
+# config values that do not change what a run trains: they never split a setting
+NOT_SETTING = ("optim.lr", "train.seed", "train.rerun", "train.threads", "train.verbose", "train.device",
+               "train.cuda_graph", "train.compile", "train.diagnostics", "train.log_every", "train.eval_batch_size",
+               "name", "out_root", "data.root", "data.download", "logger.", "norm.")
 NORM_ORDER = ["none", "bn", "bnp", "ln", "gn"]
 NORM_COLORS = {"none": "#7f7f7f", "bn": "#1f77b4", "bnp": "#d62728", "ln": "#2ca02c", "gn": "#9467bd"}
 NORM_LABELS = {"none": "no norm", "bn": "BatchNorm", "bnp": "BNP", "ln": "LayerNorm", "gn": "GroupNorm"}
@@ -78,21 +90,93 @@ def _norm_label(norm_cfg: dict) -> str:
     return norm_cfg.get("variant") or norm_cfg["kind"]
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train.seed": 0, ...} from a nested config; lists become tuples, numbers floats (2 == 2.0)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(_shown(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _defaults() -> dict:
+    """The schema's values, flat: keys an older run's config.yaml lacks take them (so a key added
+    later never splits a setting)."""
+    from omegaconf import OmegaConf
+
+    from bnp.config import RunConfig
+
+    return _flat(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+
+
+def _config_column(runs: pd.DataFrame, flats: list[dict]) -> list[str]:
+    """Per run, the config values (outside NOT_SETTING) that differ among the runs of its
+    (data, model, norm, batch size, optimizer), as ``key=value,...``."""
+    column = [""] * len(runs)
+    for _, index in runs.groupby(SETTING[:-1], sort=False).groups.items():
+        rows = [flats[i] for i in index]
+        keys = sorted(k for k in set().union(*rows) if not k.startswith(NOT_SETTING)
+                      and len({repr(r.get(k)) for r in rows}) > 1)
+        for i in index:
+            column[i] = ",".join(f"{k}={_shown(flats[i].get(k))}" for k in keys)
+    return column
+
+
+def _one_per_config(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of the same config and seed (e.g. optim.lr=0.01 and optim.lr=1e-2, two directories)
+    count once: a finished one before others, then the one that started last."""
+    runs = runs.assign(_unfinished=~runs["status"].isin(FINISHED)).sort_values(
+        ["_unfinished", "started"], ascending=[True, False], kind="stable")
+    key = SETTING + ["lr", "hparams", "seed"]
+    dropped = runs[runs.duplicated(key, keep="first")]
+    for _, extra in dropped.iterrows():
+        kept = runs[(runs[key] == extra[key]).all(axis=1)].iloc[0]
+        print(f"[report] warning: {extra['run']} repeats the config and seed of {kept['run']}; counted once "
+              "(kept the finished one, or the later)", file=sys.stderr)
+    return runs.drop(index=dropped.index).drop(columns="_unfinished").sort_index()
+
+
 def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
-    """One row per run (setting, lr, seed, status and summary metrics), and its metric rows."""
-    rows, curves = [], {}
+    """One row per run (setting, lr, seed, status and summary metrics), and its metric rows. A run
+    whose config cannot be read is left out and named; one with a torn summary is ``damaged``."""
+    rows, flats, curves, unreadable = [], [], {}, []
+    defaults = _defaults()
     for run_dir in find_runs(sweep_dir):
-        config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
+        config_path = run_dir / "config.yaml"
         if not config_path.exists():
             continue
-        cfg = yaml.safe_load(config_path.read_text())
-        summary = read_json(summary_path) if summary_path.exists() else {"status": "unfinished"}
+        try:
+            cfg = yaml.safe_load(config_path.read_text())
+            flat = {**defaults, **_flat(cfg)}
+            model = _model_label(cfg)
+        except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            unreadable.append(f"{config_path} ({type(err).__name__})")
+            continue
+        try:
+            summary = read_summary(run_dir) or {"status": "unfinished"}
+        except Unreadable as err:
+            summary = {"status": "damaged", "reason": str(err)}
         overrides = run_dir / ".hydra" / "overrides.yaml"
         row = {
-            "run": str(run_dir), "data": cfg["data"]["name"], "model": _model_label(cfg), "norm": _norm_label(cfg["norm"]),
+            "run": str(run_dir), "data": cfg["data"]["name"], "model": model, "norm": _norm_label(cfg["norm"]),
             "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
             "hparams": _hparams(cfg["norm"]), "seed": cfg["train"]["seed"], "status": summary.get("status", "unknown"),
             "reason": summary.get("reason", ""), "commit": summary.get("git_commit") or "unknown",
+            "started": summary.get("started") or "",
             "overrides": shlex.join(yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else "",
         }
         for key in ("final_test_acc", "best_val_acc", "test_acc_at_best_val", "final_train_loss", "final_val_acc",
@@ -100,9 +184,18 @@ def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
             value = summary.get(key)
             row[key] = float(value) if isinstance(value, (int, float)) else math.nan
         rows.append(row)
+        flats.append(flat)
         metrics = run_dir / "metrics.jsonl"
         curves[str(run_dir)] = read_metrics(metrics) if metrics.exists() else []
-    return pd.DataFrame(rows), curves
+    damaged = unreadable + [r["reason"] for r in rows if r["status"] == "damaged"]
+    if damaged:
+        print(f"[report] warning: {len(damaged)} runs with unreadable files, left out or counted as damaged "
+              f"(train them again to repair): {'; '.join(damaged)}", file=sys.stderr)
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        return runs, curves
+    runs.insert(runs.columns.get_loc("optim") + 1, "config", _config_column(runs, flats))
+    return _one_per_config(runs), curves
 
 
 def steps_to_target(rows: list[dict], target: float) -> float:
@@ -128,9 +221,14 @@ def _mean_std(values: pd.Series, digits: int = 4) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
+def _filled(runs: pd.DataFrame) -> pd.DataFrame:
+    """``hparams`` and ``config`` as strings: a runs.csv read back has NaN for none (and older ones
+    have no config column)."""
+    return runs.assign(**{c: runs[c].astype(object).fillna("") if c in runs else "" for c in ("hparams", "config")})
+
+
 def _val_for_choice(runs: pd.DataFrame) -> pd.DataFrame:
-    ok = runs[runs["status"].isin(["completed", "diverged"])].copy()
-    ok["hparams"] = ok["hparams"].astype(object).fillna("")  # a runs.csv read back has NaN for no options
+    ok = _filled(runs[runs["status"].isin(["completed", "diverged"])])
     ok["val_for_choice"] = ok["best_val_acc"].where(ok["status"] == "completed", 0.0).fillna(0.0)
     return ok
 
@@ -213,21 +311,23 @@ def lr_bracket(runs: pd.DataFrame, lr: float, hparams: str, extensions: dict | N
 def choices(runs: pd.DataFrame):
     """Per setting: its chosen row (pick_learning_rates), all of its runs, and its usable runs
     (completed or diverged) at the chosen norm options: what bracketing and its labels look at."""
+    runs = _filled(runs)
     for _, chosen in pick_learning_rates(runs).iterrows():
         group = runs[(runs[SETTING] == chosen[SETTING]).all(axis=1)]
         yield chosen, group, _val_for_choice(group[group["hparams"] == chosen["hparams"]])
 
 
 def setting_key(values) -> str:
-    """The name of a setting in the bracketing record (``<sweep>/bracket.json``)."""
-    return "|".join(str(v) for v in values)
+    """The name of a setting in the bracketing record (``<sweep>/bracket.json``); an empty config
+    adds nothing, so records from before the config column keep their names."""
+    return "|".join(str(v) for v in values if not (isinstance(v, str) and v == ""))
 
 
 def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: float,
                      extensions: dict | None = None) -> pd.DataFrame:
     """One row per setting at its chosen learning rate: mean ± std over seeds, status counts, and
     how the lr is bracketed (``extensions``: the driver's bracketing record, by setting_key)."""
-    runs = runs.copy()
+    runs = _filled(runs)
     runs["steps_to_target"] = [steps_to_target(curves.get(r, []), target) for r in runs["run"]]
     chosen = pick_learning_rates(runs)
     out = []
@@ -235,7 +335,7 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: 
         row = dict(zip(SETTING, key))
         match = chosen.merge(pd.DataFrame([row]), on=SETTING)
         row["status"] = _status_counts(group["status"])
-        if match.empty:  # nothing ran: not applicable, failed
+        if match.empty or not (group["status"] == "completed").any():  # none completed: no lr to show
             row.update({"lr": "n/a", "lr_bracket": "n/a", "seeds": 0})
             out.append(row)
             continue
@@ -259,18 +359,27 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: 
 
 # ---------------------------------------------------------------------------------------- figures
 def _chosen_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    runs = _filled(runs)
     chosen = pick_learning_rates(runs)
     return runs.merge(chosen, on=SETTING + ["lr", "hparams"])
 
 
-def _band(ax, frames: list[pd.DataFrame], x: str, y: str, norm: str) -> None:
+def _methods(group: pd.DataFrame):
+    """(norm, legend label, runs) per method of a panel, in table order; a config that differs
+    within the panel is part of the label."""
+    methods = sorted(group.groupby(["norm", "config"]), key=lambda kv: (norm_rank(kv[0][0]), kv[0][1]))
+    for (norm, config), runs in methods:
+        yield norm, NORM_LABELS.get(norm, norm) + (f" ({config})" if config else ""), runs
+
+
+def _band(ax, frames: list[pd.DataFrame], x: str, y: str, norm: str, label: str) -> None:
     """Mean over seeds with a min-max band, on the union of logged x values."""
     series = [f.set_index(x)[y].dropna() for f in frames if y in f and not f[y].dropna().empty]
     if not series:
         return
     joined = pd.concat(series, axis=1).sort_index().interpolate(limit_area="inside")
     mean = joined.mean(axis=1)
-    ax.plot(mean.index, mean.values, color=norm_color(norm), label=NORM_LABELS.get(norm, norm))
+    ax.plot(mean.index, mean.values, color=norm_color(norm), label=label)
     if len(series) > 1:
         ax.fill_between(mean.index, joined.min(axis=1), joined.max(axis=1), color=norm_color(norm), alpha=0.2)
 
@@ -297,10 +406,10 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
     panels = list(chosen.groupby(["data", "model", "batch_size"]))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.5), squeeze=False)
     for col, ((data, model, bs), group) in enumerate(panels):
-        for norm, runs_of_norm in sorted(group.groupby("norm"), key=lambda kv: norm_rank(kv[0])):
+        for norm, label, runs_of_norm in _methods(group):
             frames = [pd.DataFrame(curves[r]) for r in runs_of_norm["run"]]
-            _band(axes[0, col], frames, "epoch", "train_loss", norm)
-            _band(axes[1, col], frames, "epoch", "test_acc", norm)
+            _band(axes[0, col], frames, "epoch", "train_loss", norm, label)
+            _band(axes[1, col], frames, "epoch", "test_acc", norm, label)
         axes[0, col].set_title(f"{data}, {model}, batch {bs}")
         axes[0, col].set_yscale("log")
         axes[0, col].set_ylabel("train loss (log-interval mean)")
@@ -317,10 +426,10 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for col, ((data, model), group) in enumerate(groups):
         ax = axes[0, col]
-        for norm, g in sorted(group.groupby("norm"), key=lambda kv: norm_rank(kv[0])):
+        for norm, label, g in _methods(group):
             stats = g.groupby("batch_size")["final_test_acc"].agg(["mean", "std"]).reset_index()
             ax.errorbar(stats["batch_size"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                        color=norm_color(norm), label=NORM_LABELS.get(norm, norm))
+                        color=norm_color(norm), label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (log scale)")
         ax.set_ylabel("final test accuracy")
@@ -336,14 +445,14 @@ def make_figures(runs: pd.DataFrame, curves: dict[str, list[dict]], out: Path) -
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
         for col, ((data, model), group) in enumerate(groups):
             ax = axes[0, col]
-            for norm, g in sorted(group.groupby("norm"), key=lambda kv: norm_rank(kv[0])):
+            for norm, label, g in _methods(group):
                 frames = []
                 for r in g["run"]:
                     f = pd.DataFrame(curves[r])
                     if "prequential_acc" in f:
                         f = f.dropna(subset=["prequential_acc"]).assign(samples=lambda d: d["step"])
                         frames.append(f)
-                _band(ax, frames, "samples", "prequential_acc", norm)
+                _band(ax, frames, "samples", "prequential_acc", norm, label)
             ax.set_xlabel("samples seen (online, batch size 1)")
             ax.set_ylabel("prequential accuracy (cumulative)")
             ax.set_title(f"{data}, {model}")

@@ -34,7 +34,7 @@ from bnp import BNP, distributed
 from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
                         validate)
 from bnp.data import DataError, load
-from bnp.log import FINISHED, RunLog, read_json, write_json
+from bnp.log import FINISHED, RunLog, Unreadable, read_summary, write_json
 from bnp.loop import CheckpointError, Interrupted, Trainer, first_line, plan
 from bnp.models import build_model
 from bnp.optim import build_optimizer
@@ -43,9 +43,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def slug(overrides: str) -> str:
-    """A directory name for a set of overrides: readable when short, else prefix + hash."""
-    text = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides) or "default"
-    if len(text) <= 180:
+    """A directory name for a set of overrides: the overrides themselves when they are short and use
+    only safe characters, else a readable prefix and a hash of the exact text, so that different
+    overrides never share a directory (``data.root=a/b`` and ``data.root=a_b``)."""
+    if not overrides:
+        return "default"
+    text = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides)
+    if text == overrides and len(text) <= 180:
         return text
     return f"{text[:140]}-{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
 
@@ -82,6 +86,16 @@ def run_lock(run_dir: Path):
         yield
 
 
+def _previous_summary(run_dir: Path) -> dict | None:
+    """The summary a run directory already holds; a torn one counts as none (the run is unfinished
+    and trains again, from its checkpoint), with a warning naming the file."""
+    try:
+        return read_summary(run_dir)
+    except Unreadable as err:
+        print(f"[bnp] warning: {err}; treating the run as unfinished", file=sys.stderr, flush=True)
+        return None
+
+
 def one_line(err: BaseException) -> str:
     """An exception as one line: the project's own errors speak for themselves, others get their type."""
     text = first_line(err)
@@ -96,19 +110,23 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
-    try:
-        config = validate(cfg)  # ConfigError before anything else happens
-    except ConfigError as err:  # recorded with the config as given, so reports count the failed run
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        write_json(summary_path, {"run_dir": str(run_dir), "status": "failed", "reason": one_line(err)})
-        raise
-    if summary_path.exists():
-        previous = read_json(summary_path)
-        if previous.get("status") in FINISHED and not config.train.rerun:
+    rank, world = distributed.setup()
+    # nothing is written before the lock is held and the run is known to be unfinished: a second
+    # command for this directory (a bad one, or one while it trains) never touches a finished run
+    with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+        previous = _previous_summary(run_dir)
+        try:
+            config = validate(cfg)  # ConfigError before anything else happens
+        except ConfigError as err:
+            # recorded with the config as given, so reports count it, but only where no run was before:
+            # a finished or interrupted run keeps its files
+            if rank == 0 and not (run_dir / "config.yaml").exists():
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+                write_json(summary_path, {"run_dir": str(run_dir), "status": "failed", "reason": one_line(err)})
+            raise
+        if previous is not None and previous.get("status") in FINISHED and not config.train.rerun:
             print(f"[bnp] {run_dir}: already {previous['status']}; skipped (train.rerun=true redoes it)")
             return {**previous, "skipped": True}
-    rank, world = distributed.setup()
-    with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
         if config.train.rerun and rank == 0:
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (run_dir / name).unlink(missing_ok=True)
@@ -241,10 +259,42 @@ def main(cfg: DictConfig) -> RunResult:
         sys.exit(2 if isinstance(err, ConfigError) else 1)
 
 
+def hydra_error_line(err: Exception) -> str:
+    """One line for an error Hydra raises before any run starts: an unknown option of a config group
+    (with the accepted ones), a value of the wrong type, a malformed override."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        accepted = sorted(o for o in (err.options or []) if o)
+        return f"{group}={option}: no such option in configs/{group}/ (accepted: {', '.join(accepted)})"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():  # the first line says which override, the cause why
+        return f"{lines[0].replace('Error merging override ', '').rstrip('.')}: {str(cause).strip().splitlines()[0]}"
+    return " ".join(lines)
+
+
+def cli() -> None:
+    """``python -m bnp.train``: Hydra's own errors end like the project's config errors, one line
+    and exit 2 (HYDRA_FULL_ERROR=1 or BNP_TRACEBACK=1 show the traceback instead)."""
+    from hydra.errors import HydraException
+
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1" or bool(os.environ.get("BNP_TRACEBACK"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them
+    try:
+        main()
+    except HydraException as err:
+        if full:
+            raise
+        print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     # Run the copy imported as `bnp.train`, not this `__main__` module: parallel launchers (joblib,
     # submitit) pickle the task function, and functions of `__main__` are pickled by value, globals
     # and all, which fails; importable ones are pickled by reference.
-    from bnp.train import main as importable_main
+    from bnp.train import cli as importable_cli
 
-    importable_main()
+    importable_cli()

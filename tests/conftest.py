@@ -3,6 +3,8 @@
 import gzip
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -78,3 +81,46 @@ def compose():
 
 TINY = ["logger=none", "train.steps=2", "train.batch_size=4", "train.eval_batch_size=64", "train.device=cpu",
         "data.limit=40"]
+
+
+def cli(*args, env_extra=None, **kwargs):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "bnp.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wandb_records(path: Path):
+    """Decode a W&B transaction log (LevelDB log format of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    block, pos, chunks, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        chunks = payload if kind in (1, 2) else chunks + payload  # FULL/FIRST start, MIDDLE/LAST append
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+    return records
+
+
+def wandb_history(path: Path) -> dict[int, dict]:
+    """The history rows of one W&B transaction log, by step."""
+    import json
+
+    history: dict[int, dict] = {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+    return history

@@ -359,7 +359,8 @@ def test_steps_without_statistics_leave_grads_alone_and_keep_the_warmup(fast):
         pre.step()
         return torch.equal(model[0].weight.grad, plain[0].weight.grad)
 
-    pre.step()  # before any forward or backward: nothing to do
+    with pytest.raises(RuntimeError, match="no tracked layer has a gradient"):
+        pre.step()  # before any forward or backward: misuse, and nothing counts towards warmup
     model.eval(), plain.eval()  # forward and backward without statistics
     assert step_and_compare() and pre.steps == 0
     model.train(), plain.train()

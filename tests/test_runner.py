@@ -1,6 +1,5 @@
 """The runner end to end: real composed configs, errors, resume, divergence, W&B offline files."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from bnp.config import ConfigError, NotApplicable
 from bnp.log import read_json, read_metrics
 from bnp.train import run
-from conftest import TINY
+from conftest import TINY, cli, wandb_history
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -153,12 +152,6 @@ def test_same_seed_same_metrics_and_completed_runs_are_skipped(compose, tmp_path
     assert len(read_metrics(tmp_path / "a" / "metrics.jsonl")) == len(read_metrics(tmp_path / "b" / "metrics.jsonl"))
 
 
-def cli(*args, env_extra=None, **kwargs):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "bnp.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 def test_cli_config_error_exits_with_message(tmp_path):
     proc = cli("logger=none", "optim.lr=-1", f"out_root={tmp_path}")
     out, _ = proc.communicate(timeout=120)
@@ -289,31 +282,6 @@ def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(compose, tmp_
     assert proc.returncode != 0 and "Traceback" in out
 
 
-def wandb_records(path: Path):
-    """Decode a W&B transaction log (LevelDB log format of protobuf Records)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", data[:8]
-    block, pos, chunks, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
-        kind = data[pos + 6]
-        payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        chunks = payload if kind in (1, 2) else chunks + payload  # FULL/FIRST start, MIDDLE/LAST append
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunks)
-            records.append(record)
-    return records
-
-
 def test_wandb_offline_run_files_contain_the_metrics_and_a_resume_continues_the_same_run(compose, tmp_path,
                                                                                           monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -331,10 +299,8 @@ def test_wandb_offline_run_files_contain_the_metrics_and_a_resume_continues_the_
     assert len(files) == 2 and len({f.name for f in files}) == 1  # two sessions of one W&B run id
     history = {}
     for log_file in files:
-        for record in wandb_records(log_file):
-            if record.WhichOneof("record_type") == "history":
-                items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
-                history.setdefault(items["_step"], {}).update(items)
+        for step, items in wandb_history(log_file).items():
+            history.setdefault(step, {}).update(items)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert {r["step"] for r in rows} == {0, 3, 6}
     for row in rows:

@@ -22,6 +22,25 @@ class GradState(enum.Enum):
     REFERENCE = "reference"  # handed to the reference path this step: raw, step() preconditions them
 
 
+class _Seen(enum.Enum):
+    NOTHING = "nothing"  # an enum member: a deep copy of a model keeps it the same object
+
+
+UNSEEN = _Seen.NOTHING  # no training forward since the last step()
+
+
+def _token(grad: torch.Tensor | None) -> tuple | None:
+    """A gradient's identity and in-place version, held weakly (None: no gradient)."""
+    return None if grad is None else (weakref.ref(grad), grad._version)
+
+
+def _same(token: tuple | None, grad: torch.Tensor | None) -> bool:
+    """Whether ``grad`` is the very gradient ``token`` was taken of, unedited since."""
+    if token is None or grad is None:
+        return token is None and grad is None
+    return token[0]() is grad and token[1] == grad._version
+
+
 def candidates(model: nn.Module) -> dict[str, nn.Module]:
     """Leaf Linear / Conv{1,2,3}d modules with a trainable weight, by qualified name. Not the
     out_proj of an nn.MultiheadAttention: it uses that Linear's weight without calling its forward,
@@ -123,6 +142,7 @@ class Layer:
         self.handle = None  # the forward pre-hook (reference path)
         self.state = GradState.FRESH
         self.grad_mark = None  # the weight gradient the last step() left, as (weak reference, version)
+        self.grad_at_forward = UNSEEN  # the weight gradient the step's first training forward found
 
     @property
     def preconditions_in_step(self) -> bool:
@@ -131,14 +151,22 @@ class Layer:
 
     def mark_grad(self) -> None:
         """Remember this weight gradient as preconditioned (a weak reference and its version)."""
-        grad = self.weight.grad
-        self.grad_mark = (weakref.ref(grad), grad._version)
+        self.grad_mark = _token(self.weight.grad)
 
     def has_new_grad(self) -> bool:
         """A weight gradient that step() has not preconditioned: a new tensor, or one edited in place
         since (autograd accumulating into it, zero_grad(set_to_none=False))."""
-        grad, mark = self.weight.grad, self.grad_mark
-        return mark is None or mark[0]() is not grad or mark[1] != grad._version
+        return self.grad_mark is None or not _same(self.grad_mark, self.weight.grad)
+
+    def saw_forward(self) -> None:
+        """A training forward ran: remember the weight gradient it found, if it is the step's first."""
+        if self.grad_at_forward is UNSEEN:
+            self.grad_at_forward = _token(self.weight.grad)
+
+    def backward_since_forward(self) -> bool:
+        """Whether the weight gradient changed since the step's first training forward (a backward
+        ran after it); True when no forward ran."""
+        return self.grad_at_forward is UNSEEN or not _same(self.grad_at_forward, self.weight.grad)
 
     def describe(self) -> str:
         kind = type(self.module).__name__

@@ -34,8 +34,8 @@ from torch import nn
 
 from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
-from bnp.precondition.layers import (GradState, Layer, candidates, discover, matches, resolve_ends, skip_patterns,
-                                     untracked)
+from bnp.precondition.layers import (UNSEEN, GradState, Layer, candidates, discover, matches, resolve_ends,
+                                     skip_patterns, untracked)
 from bnp.precondition.rows import OutputStats, clip_units, trust_layer
 from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
 
@@ -83,6 +83,19 @@ def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], sk
         note = _MHA_NOTE if any(kind == "MultiheadAttention" for kind, _ in unexpected.values()) else ""
         warnings.warn(f"BNP leaves these weights to the plain optimizer: {'; '.join(_listing(unexpected))}{note}",
                       stacklevel=3)
+
+
+def _check_not_tracked(layers: list[Layer]) -> None:
+    """One preconditioner per layer: a second one would precondition the gradients twice (or, with
+    fast=True, leave the first one inert)."""
+    for layer in layers:
+        module, forward = layer.module, vars(layer.module).get("forward")
+        if isinstance(forward, FastForward) or any(isinstance(hook, CollectInput)
+                                                   for hook in module._forward_pre_hooks.values()):
+            raise RuntimeError(
+                f"BNP: layer {layer.name!r} is already preconditioned by another BNP instance (a deep copy of a "
+                "model carries a copy of its preconditioner along); call remove() on that one first, or build "
+                "one BNP per model")
 
 
 @torch.compiler.disable
@@ -149,8 +162,10 @@ class BNP:
             fraction of its weights per plain SGD step (lr x trust).
 
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
-    model's dtype (float64 for float64 models). ``step()`` rewrites ``.grad`` in place; call it
-    after ``backward()`` (after ``scaler.unscale_(optimizer)`` with AMP), before ``optimizer.step()``.
+    model's dtype (float64 for float64 models, also after a later ``model.double()``). ``step()``
+    rewrites ``.grad`` in place; call it after ``backward()`` (after ``scaler.unscale_(optimizer)``
+    with AMP), before ``optimizer.step()``; out of order (no gradient, no backward since the last
+    training forward, after ``remove()``) it raises. One BNP per model: a second one raises.
     The step has no host syncs, so a whole training step can be captured as a CUDA graph: capture
     inside ``with pre.recording():`` and call ``pre.replayed()`` after each replay.
     """
@@ -190,6 +205,8 @@ class BNP:
         self.compiled_fallback = False  # fast layers ran under torch.compile (reference path instead)
         self._told_fallback = False
         self._layers = discover(model, self.skip)
+        _check_not_tracked(self._layers)
+        self.removed = False
         self.untracked = untracked(model, self._layers)
         _warn_untracked(model, self.untracked, self.skip)
         self.running = RunningStats(self._layers, momentum=self.momentum, eps=self.eps, center=center, scale=scale,
@@ -216,6 +233,7 @@ class BNP:
             self._step()
 
     def _step(self) -> None:
+        self._check_order()
         if self.compiled_fallback and not self._told_fallback:
             self._told_fallback = True
             warnings.warn("BNP(fast=True) under torch.compile: the Linear layers use the reference path "
@@ -246,7 +264,23 @@ class BNP:
             layer.mark_grad()
         for layer in self._layers:
             layer.state = GradState.FRESH
+            layer.grad_at_forward = UNSEEN
         self.running.release()  # this step's temporaries; the statistics stay
+
+    def _check_order(self) -> None:
+        """Misuse raises before anything changes: step() after remove(), with no gradient at all, or
+        between a training forward and its backward (the fast path would then precondition the
+        next update and the reference path not: the two must not disagree silently)."""
+        order = "forward, loss.backward(), pre.step(), optimizer.step()"
+        if self.removed:
+            raise RuntimeError("BNP.step(): this preconditioner was removed (remove() detached it from the "
+                               "model); create a new BNP(model) to precondition again")
+        if all(layer.weight.grad is None for layer in self._layers):
+            raise RuntimeError(f"BNP.step(): no tracked layer has a gradient; call it after loss.backward(): {order}")
+        forwarded = [layer for layer in self._layers if layer.grad_at_forward is not UNSEEN]
+        if forwarded and not any(layer.backward_since_forward() for layer in forwarded):
+            raise RuntimeError("BNP.step(): no gradient changed since the last training forward, so step() came "
+                               f"before loss.backward(); call it after: {order}")
 
     # ------------------------------------------------------------------ CUDA graphs
     # A captured step records its kernels while its Python runs once; a replay runs the kernels only.
@@ -305,7 +339,8 @@ class BNP:
             self.outputs.load_state_dict(state["outputs"])
 
     def remove(self) -> None:
-        """Detach the forward hooks; the model is left exactly as it was."""
+        """Detach the forward hooks; the model is left exactly as it was (and step() then raises)."""
+        self.removed = True
         self.running.fold()
         if self.outputs is not None:
             self.outputs.remove()

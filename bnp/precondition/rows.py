@@ -62,6 +62,9 @@ class OutputStats:
             self.mean[layer.name] = batch_mean.clone()
             self.var[layer.name] = torch.zeros_like(batch_mean)
         mean, var = self.mean[layer.name], self.var[layer.name]
+        if mean.dtype != h.dtype or mean.device != h.device:  # the model was cast or moved
+            mean = self.mean[layer.name] = mean.to(h)
+            var = self.var[layer.name] = var.to(h)
         mean.lerp_(batch_mean, alpha)
         shape = (1, -1) if layer.dense else (1, -1, *(1,) * layer.spatial_dims)
         var.lerp_((h - mean.view(shape)).square().mean(dims), alpha)

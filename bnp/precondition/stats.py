@@ -30,6 +30,11 @@ class LayerStats(NamedTuple):
     batches: int  # training forward passes seen; 0 means not initialized yet
 
 
+def stats_dtype(layers: list[Layer]) -> torch.dtype:
+    """float32 statistics and arithmetic for every model dtype, float64 for float64 models."""
+    return torch.float64 if any(layer.weight.dtype == torch.float64 for layer in layers) else torch.float32
+
+
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -49,9 +54,7 @@ class RunningStats:
         self.eps_relative, self.average_start = eps_relative, average_start
         self.center, self.scale, self.sync, self.moments = center, scale, sync, moments
         device = layers[0].weight.device
-        # float32 statistics and arithmetic for every model dtype, float64 for float64 models
-        wide = any(layer.weight.dtype == torch.float64 for layer in layers)
-        self.dtype = torch.float64 if wide else torch.float32
+        self.dtype = stats_dtype(layers)
         features = sum(layer.features for layer in layers)
         self.mean = torch.zeros(features, dtype=self.dtype, device=device)
         self.var = torch.zeros(features, dtype=self.dtype, device=device)
@@ -76,9 +79,15 @@ class RunningStats:
         self._derived = self.a_hat = None
 
     def _follow(self, device: torch.device) -> None:
-        """Move the buffers to the device of the inputs (the model moved)."""
-        if device != self.mean.device:
-            self.mean, self.var = self.mean.to(device), self.var.to(device)
+        """Move the buffers to the device of the inputs and the dtype of the model (the model was
+        moved, or cast with e.g. ``model.double()``)."""
+        if device == self.mean.device and (self.layers[0].weight.dtype == torch.float64) == (
+                self.dtype == torch.float64):
+            return
+        dtype = stats_dtype(self.layers)
+        if device != self.mean.device or dtype != self.dtype:
+            self.dtype = dtype
+            self.mean, self.var = self.mean.to(device, dtype), self.var.to(device, dtype)
             self._ones.clear()
             self._bind()
             self._changed()
@@ -126,6 +135,7 @@ class RunningStats:
     # ------------------------------------------------------------------ collecting inputs
     def collect(self, layer: Layer, x: torch.Tensor) -> None:
         """A training forward of ``layer`` saw ``x`` (detached): keep it for the next fold."""
+        layer.saw_forward()
         if layer.pending is not None:
             self._fold_early(layer)
         layer.pending = x
