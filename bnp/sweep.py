@@ -20,6 +20,9 @@ the report labels each choice (``lr_bracket``: interior, diverged-beyond, capped
 ``--confirm-seeds 0,1,2`` then runs, at each setting's chosen lr, the seeds it lacks: bracket with
 one seed, confirm the winner with three (the report chooses among lrs on the seeds they share, so
 the extra seeds do not move the choice; a setting whose lrs share no seed is left out).
+``--all-seeds 0,1,2`` instead runs the missing seeds at every lr a setting tried and brackets again,
+so each lr is chosen over all seeds with a tried lr on each side (a one-seed screen, then the
+full comparison).
 
 The finished runs are kept in ``RESULTS/sweep.tar.gz`` (bnp.archive), saved whenever a run finishes
 and with each report; ``--restore`` unpacks it first, so a sweep begun on one machine and committed
@@ -83,26 +86,29 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
     return plans
 
 
-def plan_confirmations(runs, seeds: list[int]) -> list[tuple[str, list[str]]]:
+def plan_confirmations(runs, seeds: list[int], every_lr: bool = False) -> list[tuple[str, list[str]]]:
     """(setting key, the multirun's overrides) for every setting whose chosen lr has not run with
     every one of ``seeds`` (a failed run counts as not run). A setting whose lrs share no seed is
-    left out with a warning: there the new seeds could move the choice."""
+    left out with a warning: there the new seeds could move the choice. ``every_lr``: every lr the
+    setting tried gets the missing seeds (one multirun per lr), so that the lr is then chosen over
+    all of them (the report chooses on the seeds all lrs share)."""
     plans = []
     for chosen, _, tried in choices(runs):
         key = setting_key(chosen[SETTING])
-        at_lr = tried[tried["lr"] == chosen["lr"]]
-        missing = [seed for seed in seeds if seed not in set(at_lr["seed"])]
-        template = shlex.split(at_lr["overrides"].iloc[0])
-        if not missing or not template:
-            continue
-        if not seeds_shared(tried):
+        if not every_lr and not seeds_shared(tried):
             print(f"[confirm] warning: {key}: its lrs share no seed; run one seed at every lr first",
                   file=sys.stderr, flush=True)
             continue
-        # the lr exactly as the chosen runs were given it (their directory names spell it so)
-        lr = next((o for o in template if o.startswith("optim.lr=")), f"optim.lr={chosen['lr']!r}")
-        kept = [o for o in template if o.split("=", 1)[0] not in NOT_REPEATED]
-        plans.append((key, [*kept, lr, f"train.seed={','.join(str(s) for s in missing)}"]))
+        for lr in sorted(tried["lr"].unique()) if every_lr else [chosen["lr"]]:
+            at_lr = tried[tried["lr"] == lr]
+            missing = [seed for seed in seeds if seed not in set(at_lr["seed"])]
+            template = shlex.split(at_lr["overrides"].iloc[0])
+            if not missing or not template:
+                continue
+            # the lr exactly as the runs were given it (their directory names spell it so)
+            spelled = next((o for o in template if o.startswith("optim.lr=")), f"optim.lr={lr!r}")
+            kept = [o for o in template if o.split("=", 1)[0] not in NOT_REPEATED]
+            plans.append((key, [*kept, spelled, f"train.seed={','.join(str(s) for s in missing)}"]))
     return plans
 
 
@@ -193,16 +199,18 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
                 raise subprocess.CalledProcessError(1, failed[0])
 
 
-def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | None = None, tick=None) -> int:
-    """Run ``seeds`` at each setting's chosen lr where it lacks some (``plan_confirmations``); returns
-    how many settings got seeds. Side by side as in ``bracket``."""
+def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | None = None, tick=None,
+            every_lr: bool = False) -> int:
+    """Run ``seeds`` at each setting's chosen lr where it lacks some (``plan_confirmations``; with
+    ``every_lr`` at every lr it tried); returns how many multiruns ran. Side by side as in ``bracket``."""
     runs, _ = load_runs(sweep_dir)
-    plans = plan_confirmations(runs, seeds)
+    plans = plan_confirmations(runs, seeds, every_lr)
     at_once = _at_once([overrides for _, overrides in plans], parallel)
+    what = "seeding every lr" if every_lr else "confirming"
     for start in range(0, len(plans), at_once):
         batch = plans[start : start + at_once]
         for i, (key, overrides) in enumerate(batch, start + 1):
-            print(f"[experiment {label}] confirming {i}/{len(plans)}: {key} at {overrides[-2]}: {overrides[-1]}",
+            print(f"[experiment {label}] {what} {i}/{len(plans)}: {key} at {overrides[-2]}: {overrides[-1]}",
                   flush=True)
         failed = _launch([overrides for _, overrides in batch], tick)
         if failed:
@@ -231,6 +239,9 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
                         help="lr extensions per edge of a setting's grid (default 3, smoke 1; 0: none)")
     parser.add_argument("--confirm-seeds", type=parse_seeds, default=None, metavar="SEEDS",
                         help="after bracketing, run these seeds (e.g. 0,1,2) at each setting's chosen lr")
+    parser.add_argument("--all-seeds", type=parse_seeds, default=None, metavar="SEEDS",
+                        help="after bracketing, run these seeds (e.g. 0,1,2) at every lr each setting tried, "
+                        "then bracket again: each lr is chosen over all of them")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
                         "one of a grid's keys replaces its values, e.g. norm=none,bnp")
     args = parser.parse_args(argv)
@@ -266,6 +277,10 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
             cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
             if cap > 0:
                 bracket(sweep_dir, cap, sweep_name, tick=keep)
+            if args.all_seeds:  # every lr on every seed; extensions after it run on all of them
+                confirm(sweep_dir, args.all_seeds, sweep_name, tick=keep, every_lr=True)
+                if cap > 0:
+                    bracket(sweep_dir, cap, sweep_name, tick=keep)
             if args.confirm_seeds:
                 confirm(sweep_dir, args.confirm_seeds, sweep_name, tick=keep)
         report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
@@ -290,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=None, help="extensions run at once (default: CPUs / seeds)")
     parser.add_argument("--confirm-seeds", type=parse_seeds, default=None, metavar="SEEDS",
                         help="then run these seeds (e.g. 0,1,2) at each setting's chosen lr")
+    parser.add_argument("--all-seeds", type=parse_seeds, default=None, metavar="SEEDS",
+                        help="then run these seeds at every lr each setting tried, and bracket again")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir: {args.sweep_dir} is not a directory (expected a sweep, e.g. outputs/sweeps/NAME)")
@@ -302,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     extensions = bracket(args.sweep_dir, args.cap, args.sweep_dir.name, args.parallel)
     made = sum(e["low"] + e["high"] for e in extensions.values())
     print(f"[bracket {args.sweep_dir.name}] done: {made} lr extensions (per setting: {args.sweep_dir / 'bracket.json'})")
+    if args.all_seeds:
+        seeded = confirm(args.sweep_dir, args.all_seeds, args.sweep_dir.name, args.parallel, every_lr=True)
+        bracket(args.sweep_dir, args.cap, args.sweep_dir.name, args.parallel)
+        print(f"[bracket {args.sweep_dir.name}] {seeded} lrs given seeds {args.all_seeds}, then bracketed again")
     if args.confirm_seeds:
         confirmed = confirm(args.sweep_dir, args.confirm_seeds, args.sweep_dir.name, args.parallel)
         print(f"[bracket {args.sweep_dir.name}] confirmed: {confirmed} settings given seeds {args.confirm_seeds}")

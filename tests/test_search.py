@@ -165,6 +165,19 @@ def test_confirmation_runs_the_missing_seeds_at_the_chosen_lr_only():
     assert overrides == ["norm=bnp", "optim.lr=0.0312345678901", "train.seed=1"]  # the lr exactly as it ran
 
 
+def test_all_seeds_runs_the_missing_seeds_at_every_lr_tried():
+    from bnp.sweep import plan_confirmations
+
+    screened = [(0.01, 0, "completed", 0.5), (0.03, 0, "completed", 0.7), (0.1, 0, "diverged", 0.0),
+                (0.03, 1, "completed", 0.6), (0.01, 2, "failed", 0.0)]
+    plans = plan_confirmations(sweep_frame(screened), [0, 1, 2], every_lr=True)
+    assert [overrides[-2:] for _, overrides in plans] == [["optim.lr=0.01", "train.seed=1,2"],
+                                                         ["optim.lr=0.03", "train.seed=2"],
+                                                         ["optim.lr=0.1", "train.seed=1,2"]]
+    done = [(lr, seed, "completed", 0.5) for lr in (0.01, 0.03, 0.1) for seed in (0, 1, 2)]
+    assert plan_confirmations(sweep_frame(done), [0, 1, 2], every_lr=True) == []
+
+
 @pytest.mark.parametrize("text", ["0,x", "0,0", "", "-1,2"])
 def test_confirm_seeds_names_the_bad_value(text):
     import argparse
