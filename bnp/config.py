@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnp.data import SOURCES
-from bnp.models import ARCHS, BUILDERS, HEADS, NORMS
+from bnp.models import ARCHS, BUILDERS, HEADS, NORMS, SHORTCUTS
 from bnp.models.mlp import ACTIVATIONS
 
 # the accepted values, from the registries that implement them
@@ -60,11 +60,15 @@ class ModelConfig:
     head: str = "gap"  # cnn: gap (global average pooling) | fc (flatten -> [hidden Linear] -> Linear)
     hidden: int = 0  # cnn head=fc: units of a hidden Linear layer (0: none)
     arch: str = "resnet20"  # resnet: resnet20/32/56/110 (CIFAR-style) or resnet18 (torchvision)
+    # resnet20-110: identity (parameter-free, subsample + zero padding) | projection (1x1 conv where the
+    # shape changes); resnet18 has torchvision's projection shortcuts whatever this says
+    shortcut: str = "identity"
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODELS)
         _choice("model.activation", self.activation, tuple(ACTIVATIONS))
         _choice("model.arch", self.arch, RESNET_ARCHS)
+        _choice("model.shortcut", self.shortcut, SHORTCUTS)
         _check("model.depth", self.depth >= 1, "an integer >= 1", self.depth)
         _check("model.width", self.width >= 1, "an integer >= 1", self.width)
         _check("model.channels", len(self.channels) >= 1 and all(c >= 1 for c in self.channels),

@@ -72,7 +72,7 @@ def _model_label(cfg: dict) -> str:
         head = m.get("head", "gap")  # runs from before the fc head had none: gap
         hidden = f" h{m['hidden']}" if head == "fc" and m.get("hidden") else ""
         return ("cnn " if head == "gap" else "cnn-fc ") + "-".join(str(c) for c in m["channels"]) + hidden
-    return m["arch"]
+    return m["arch"] + ("-proj" if m.get("shortcut", "identity") == "projection" else "")
 
 
 def _hparams(norm_cfg: dict) -> str:

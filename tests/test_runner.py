@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bnp.config import ConfigError, NotApplicable
 from bnp.log import read_json, read_metrics
@@ -19,6 +20,7 @@ MODELS = {
     "mlp": ["model=mlp", "model.depth=1", "model.width=8"],
     "cnn": ["model=cnn", "model.channels=[4,8]", "model.convs_per_stage=1"],
     "resnet20": ["model=resnet", "model.arch=resnet20"],
+    "resnet20-proj": ["model=resnet", "model.arch=resnet20", "model.shortcut=projection"],
     "resnet18": ["model=resnet", "model.arch=resnet18"],
 }
 NORMS = ["none", "bn", "bnp", "ln", "gn"]
@@ -47,10 +49,24 @@ def test_every_model_norm_data_combination_trains(compose, data_root, tmp_path, 
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.yaml").exists()
 
 
+def test_projection_shortcuts_sit_where_the_shape_changes_and_bnp_tracks_them():
+    from bnp import BNP
+    from bnp.models import CifarResNet
+
+    for norm in ("none", "bn"):
+        model = CifarResNet(20, 1, 10, norm, shortcut="projection")
+        projected = [name for name, _ in model.named_modules() if name.endswith(".project")]
+        assert projected == ["blocks.3.project", "blocks.6.project"]  # the first block of stages 2 and 3
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert {"blocks.3.project.0", "blocks.6.project.0"} <= set(BNP(CifarResNet(20, 1, 10, "bnp", "projection")).names)
+    assert not any(".project" in name for name, _ in CifarResNet(20, 1, 10, "bn").named_modules())
+
+
 def test_config_errors_name_the_field_and_accepted_values(compose, tmp_path):
     cases = {
         "model.name=transformer": "model.name: 'transformer' is not one of ['mlp', 'cnn', 'resnet']",
         "model=resnet model.arch=resnet7": "model.arch: 'resnet7' is not one of ['resnet20',",
+        "model=resnet model.shortcut=conv": "model.shortcut: 'conv' is not one of ['identity', 'projection']",
         "optim.lr=-0.1": "optim.lr: must be a finite number > 0",
         "train.batch_size=0": "train.batch_size",
         "train.device=tpu": "train.device: 'tpu' is not one of ['auto', 'cpu', 'cuda']",

@@ -9,12 +9,13 @@ from torch import nn
 from bnp.models.cnn import CNN, HEADS
 from bnp.models.mlp import MLP
 from bnp.models.norm import NORMS, make_norm
-from bnp.models.resnet import ARCHS, CIFAR_DEPTHS, CifarResNet, resnet18
+from bnp.models.resnet import ARCHS, CIFAR_DEPTHS, SHORTCUTS, CifarResNet, resnet18
 
 if TYPE_CHECKING:
     from bnp.config import ModelConfig
 
-__all__ = ["ARCHS", "BUILDERS", "CNN", "HEADS", "MLP", "NORMS", "CifarResNet", "build_model", "make_norm", "resnet18"]
+__all__ = ["ARCHS", "BUILDERS", "CNN", "HEADS", "MLP", "NORMS", "SHORTCUTS", "CifarResNet", "build_model", "make_norm",
+           "resnet18"]
 
 
 def _mlp(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -33,7 +34,7 @@ def _cnn(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> n
 def _resnet(cfg: ModelConfig, norm: str, shape: tuple[int, ...], classes: int) -> nn.Module:
     if cfg.arch == "resnet18":
         return resnet18(shape[0], classes, norm)
-    return CifarResNet(CIFAR_DEPTHS[cfg.arch], shape[0], classes, norm)
+    return CifarResNet(CIFAR_DEPTHS[cfg.arch], shape[0], classes, norm, cfg.shortcut)
 
 
 BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}  # model.name -> builder

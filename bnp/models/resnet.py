@@ -1,7 +1,9 @@
 """Residual networks for small images.
 
 - ``resnet20/32/56/110``: the CIFAR ResNets of He et al. (2016): three stages of 16/32/64 channels,
-  (depth - 2) / 6 basic blocks per stage, parameter-free shortcuts (subsample + zero channel padding).
+  (depth - 2) / 6 basic blocks per stage, parameter-free shortcuts (subsample + zero channel padding;
+  the paper's option A) or, with ``shortcut="projection"``, a 1x1 convolution (and its norm layer)
+  where the shape changes (option B, the other common CIFAR form).
 - ``resnet18``: torchvision's ResNet-18 adapted to small images (3x3 stride-1 stem, no max-pool);
   its output layer keeps torchvision's name ``fc`` (``out`` in the other models).
 
@@ -19,6 +21,7 @@ from bnp.models.norm import make_norm
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
 ARCHS = (*CIFAR_DEPTHS, "resnet18")  # model.arch
+SHORTCUTS = ("identity", "projection")  # model.shortcut of the CIFAR ResNets
 
 
 def _normalized(norm: str) -> bool:
@@ -26,7 +29,7 @@ def _normalized(norm: str) -> bool:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: str):
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, shortcut: str = "identity"):
         super().__init__()
         bias = not _normalized(norm)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=bias)
@@ -34,10 +37,16 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=bias)
         self.norm2 = nn.Sequential(*make_norm(norm, c_out, conv=True))
         self.stride, self.pad = stride, c_out - c_in
+        self.project = None  # option B: a 1x1 convolution where the shape changes
+        if shortcut == "projection" and (stride > 1 or c_in != c_out):
+            self.project = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=bias),
+                                         *make_norm(norm, c_out, conv=True))
         if not _normalized(norm):
             nn.init.zeros_(self.conv2.weight)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.project is not None:
+            return self.project(x)
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.pad:
@@ -50,17 +59,19 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, in_channels: int, classes: int, norm: str):
+    def __init__(self, depth: int, in_channels: int, classes: int, norm: str, shortcut: str = "identity"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be one of {list(SHORTCUTS)}, got {shortcut!r}")
         blocks = (depth - 2) // 6
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=not _normalized(norm))
         self.stem_norm = nn.Sequential(*make_norm(norm, 16, conv=True))
         layers, c_in = [], 16
         for stage, c_out in enumerate((16, 32, 64)):
             for b in range(blocks):
-                layers.append(BasicBlock(c_in, c_out, 2 if stage and b == 0 else 1, norm))
+                layers.append(BasicBlock(c_in, c_out, 2 if stage and b == 0 else 1, norm, shortcut))
                 c_in = c_out
         self.blocks = nn.Sequential(*layers)
         self.out = nn.Linear(64, classes)
