@@ -26,6 +26,7 @@ SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
+COVARIANCES = ("diagonal", "full")
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,10 @@ class NormConfig:
     output_scale: bool = False  # each unit's step / (running variance of its pre-activation + eps)
     clip: Optional[float] = None  # unit-wise adaptive gradient clipping (NFNets' AGC) at clip x ||W_i||
     trust: Optional[float] = None  # layer-wise trust ratio (LARS): each layer's gradient rescaled to trust x ||W||
+    # diagonal: BNP (inverse variances) | full: the inverse running covariance of each layer's inputs
+    # (bnp.precondition.covariance.FullCovariance), inverted every `refresh` steps
+    covariance: str = "diagonal"
+    refresh: int = 10
     variant: str = ""  # the name tables give this norm (a variant's config sets it; empty: kind)
 
     def __post_init__(self) -> None:
@@ -107,9 +112,17 @@ class NormConfig:
             value = getattr(self, key)
             _check(f"norm.{key}", value is None or (value > 0 and math.isfinite(value)),
                    "null (off) or a finite number > 0", value)
+        _choice("norm.covariance", self.covariance, COVARIANCES)
+        _check("norm.refresh", self.refresh >= 1, "an integer >= 1 (steps between inversions)", self.refresh)
         variants = [k for k in ("eps_relative", "average_start", "output_scale") if getattr(self, k)]
         variants += [k for k in ("clip", "trust") if getattr(self, k) is not None]
         _check("norm.kind", self.kind == "bnp" or not variants, f"'bnp' for the BNP options {variants}", self.kind)
+        if self.covariance == "full":
+            _check("norm.kind", self.kind == "bnp", "'bnp' with norm.covariance='full'", self.kind)
+            unsupported = variants + [k for k in ("center", "scale") if not getattr(self, k)]
+            unsupported += ["warmup"] if self.warmup else []
+            _check("norm.covariance", not unsupported, f"'diagonal' with the BNP options {unsupported} (the full "
+                   "rule always centers and scales, from the first step)", self.covariance)
 
 
 @dataclass
@@ -322,6 +335,8 @@ def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1, real_
         refuse("not with data augmentation (data.augment, on by default for CIFAR); set data.augment=false")
     if world > 1:
         refuse(f"not with several processes ({world}); one process per GPU has no graph mode yet")
+    if cfg.norm.kind == "bnp" and cfg.norm.covariance == "full":
+        refuse("not with norm.covariance='full' (its inverses are refreshed on the host)")
     if cfg.norm.kind == "bnp" and (cfg.norm.average_start or cfg.norm.output_scale):
         refuse("not with norm.average_start or norm.output_scale (their momentum changes from step to step "
                "on the host, which a captured graph would freeze)")

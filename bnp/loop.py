@@ -83,7 +83,7 @@ class Trainer:
                 "last_train_loss", "last_eval", "initial_loss")
     SUMS = ("loss_sum", "seen", "correct")
 
-    def __init__(self, model, data: Data, optimizer, scheduler, pre: BNP | None, cfg: TrainConfig,
+    def __init__(self, model, data: Data, optimizer, scheduler, pre, cfg: TrainConfig,
                  device: torch.device, log: RunLog, checkpoint: Path, precision: str = "fp32",
                  rank: int = 0, world: int = 1, capture: Callable | None = None):
         self.model, self.data, self.optimizer, self.scheduler, self.pre = model, data, optimizer, scheduler, pre
@@ -123,7 +123,8 @@ class Trainer:
         # train.cuda_graph (what it cannot do is refused by bnp.config.check_cuda_graph); ``capture``
         # replaces the CUDA capture (the CPU tests pass a stand-in)
         self.graph = GraphMode(self, capture) if cfg.cuda_graph else None
-        self.diagnostics = Diagnostics(model, pre) if cfg.diagnostics else None
+        # BNP's own instruments read its statistics; with another rule only the update ratios are measured
+        self.diagnostics = Diagnostics(model, pre if isinstance(pre, BNP) else None) if cfg.diagnostics else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bnp import BNP, distributed
+from bnp.precondition.covariance import FullCovariance
 from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
                         validate)
 from bnp.data import DataError, load
@@ -171,10 +172,13 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
         if config.norm.kind == "bnp":
             n = config.norm
             try:
-                pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
-                          skip=tuple(n.skip), fast=n.fast, eps_relative=n.eps_relative,
-                          average_start=n.average_start, output_scale=n.output_scale, clip=n.clip,
-                          trust=n.trust)
+                if n.covariance == "full":
+                    pre = FullCovariance(model, momentum=n.momentum, eps=n.eps, refresh=n.refresh, skip=tuple(n.skip))
+                else:
+                    pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center,
+                              scale=n.scale, skip=tuple(n.skip), fast=n.fast, eps_relative=n.eps_relative,
+                              average_start=n.average_start, output_scale=n.output_scale, clip=n.clip,
+                              trust=n.trust)
             except ValueError as err:  # e.g. a skip pattern that matches no layer
                 raise ConfigError(f"norm: {err}") from None
         steps_per_epoch, total = plan(len(data.train_x), config.train)
