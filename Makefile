@@ -79,13 +79,19 @@ fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/
 fig-resnet-variants: setup ## claim 4's ResNet target: BN, GN, BNP, BNP+clipping, clipping alone; batch 128 and 8, 3 seeds (GPU-sized) -> results/resnet_variants
 	$(PY) experiments/resnet_variants.py $(ARGS)
 
+fig-preconditioners: setup ## beyond the paper: BNP among the preconditioners (SGD/Adam +- BNP, full covariance, Shampoo, SOAP, Muon, Kron), MLP batch 1/8/128 + CNN -> results/preconditioners
+	$(PY) experiments/preconditioners.py $(ARGS)
+
+bench-optimizers: setup ## step time of each preconditioners method vs plain SGD -> results/bench/optimizers-<device>.md
+	$(PY) benchmarks/bench_optimizers.py --out results/bench
+
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py $(ARGS)
 
-reproduce: fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-resnet-variants fig-hessian ## every paper-claim experiment
+reproduce: fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-resnet-variants fig-preconditioners fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
-	for e in defaults mlp_batch_size online cnn cnn_classic cnn_momentum cnn_momentum_variants bnp_variants resnet resnet_variants hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
+	for e in defaults mlp_batch_size online cnn cnn_classic cnn_momentum cnn_momentum_variants bnp_variants resnet resnet_variants preconditioners hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -93,4 +99,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-fc fig-cnn-classic fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-resnet-variants fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-fc fig-cnn-classic fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-resnet-variants fig-preconditioners bench-optimizers fig-hessian reproduce smoke

@@ -102,20 +102,27 @@ def time_block(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def compare(model_key: str, norm: str, batch_size: int, device: torch.device, seconds: float) -> dict:
-    setups = {"plain": Setup(model_key, "none", batch_size, device), norm: Setup(model_key, norm, batch_size, device)}
-    for s in setups.values():
+def alternate(steps: dict, device: torch.device, seconds: float) -> dict[str, float]:
+    """Median seconds per step of each step function, timed in alternating ~50 ms blocks (the first
+    one sets the block length) so that machine noise hits all alike."""
+    for step in steps.values():
         for _ in range(10):
-            s.step()
+            step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    block = max(3, int(0.05 / time_block(setups["plain"].step, 3, device)))  # ~50 ms blocks
-    times = {k: [] for k in setups}
+    block = max(3, int(0.05 / time_block(next(iter(steps.values())), 3, device)))
+    times = {k: [] for k in steps}
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times[norm]) < 5:
-        for key, s in setups.items():
-            times[key].append(time_block(s.step, block, device))
-    plain, normed = statistics.median(times["plain"]), statistics.median(times[norm])
+    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
+        for key, step in steps.items():
+            times[key].append(time_block(step, block, device))
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def compare(model_key: str, norm: str, batch_size: int, device: torch.device, seconds: float) -> dict:
+    setups = {"plain": Setup(model_key, "none", batch_size, device), norm: Setup(model_key, norm, batch_size, device)}
+    medians = alternate({k: s.step for k, s in setups.items()}, device, seconds)
+    plain, normed = medians["plain"], medians[norm]
     total, bnp_bytes = setups[norm].state_bytes()
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else total) / 2**20
     return {"model": MODELS[model_key][0], "batch": batch_size, "norm": norm, "plain_ms": plain * 1e3,

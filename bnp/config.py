@@ -21,7 +21,7 @@ from bnp.models.mlp import ACTIVATIONS
 
 # the accepted values, from the registries that implement them
 MODELS, RESNET_ARCHS, DATASETS = tuple(BUILDERS), ARCHS, tuple(SOURCES)
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "shampoo", "soap", "muon", "kron")  # the last four: pytorch-optimizer
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -158,7 +158,9 @@ class DataConfig:
 # optim.lr=null picks these (results/defaults: every norm x batch size 1/16/128 learns on digits).
 # BNP's steps are larger at the same lr (it divides by the inputs' variance + eps, down to eps = 0.01
 # on near-constant inputs): with plain SGD at batch size 1 it blew up within 100 steps at 0.02.
-DEFAULT_LR = {("sgd", "bnp"): 0.01, "sgd": 0.05, "adam": 0.001, "adamw": 0.001}
+# The preconditioned optimizers start from pytorch-optimizer's documented defaults.
+DEFAULT_LR = {("sgd", "bnp"): 0.01, "sgd": 0.05, "adam": 0.001, "adamw": 0.001, "shampoo": 0.001, "soap": 0.003,
+              "muon": 0.02, "kron": 0.001}
 
 
 def default_lr(optimizer: str, norm: str) -> float:
@@ -167,12 +169,15 @@ def default_lr(optimizer: str, norm: str) -> float:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam | adamw
+    name: str = "sgd"  # sgd | adam | adamw | shampoo | soap | muon | kron (configs/optim/<name>.yaml)
     lr: Optional[float] = None  # null: default_lr(name, norm.kind)
-    momentum: float = 0.0  # sgd
-    nesterov: bool = False  # sgd
+    momentum: float = 0.0  # sgd, shampoo, muon, kron
+    nesterov: bool = False  # sgd, muon
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw / soap
+    precondition_every: Optional[int] = None  # shampoo / soap: steps between preconditioner updates; kron:
+    # one update every this many steps on average; null: the library's default
+    aux_lr: Optional[float] = None  # muon: the AdamW lr of what Muon does not orthogonalize; null: 3e-4
     schedule: str = "constant"  # constant | cosine | step
     step_epochs: float = 30.0  # step schedule: multiply lr by gamma every step_epochs epochs
     gamma: float = 0.1
@@ -190,6 +195,10 @@ class OptimConfig:
                "two numbers in [0, 1)", list(self.betas))
         _check("optim.step_epochs", self.step_epochs > 0, "> 0", self.step_epochs)
         _check("optim.gamma", 0 < self.gamma <= 1, "in (0, 1]", self.gamma)
+        _check("optim.precondition_every", self.precondition_every is None or self.precondition_every >= 1,
+               "null (the library's default) or an integer >= 1", self.precondition_every)
+        _check("optim.aux_lr", self.aux_lr is None or (self.aux_lr > 0 and math.isfinite(self.aux_lr)),
+               "null (3e-4) or a finite number > 0", self.aux_lr)
 
 
 @dataclass
@@ -340,6 +349,8 @@ def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1, real_
     if cfg.norm.kind == "bnp" and (cfg.norm.average_start or cfg.norm.output_scale):
         refuse("not with norm.average_start or norm.output_scale (their momentum changes from step to step "
                "on the host, which a captured graph would freeze)")
+    if cfg.optim.name not in ("sgd", "adam", "adamw"):
+        refuse(f"optim.name={cfg.optim.name!r} is not capturable (torch.optim's sgd, adam and adamw are)")
     if cfg.optim.name == "sgd" and cfg.optim.schedule != "constant":
         refuse(f"optim.name='sgd' reads its lr on the host, so it needs optim.schedule='constant' "
                f"(got {cfg.optim.schedule!r}); adam and adamw take any schedule")

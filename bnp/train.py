@@ -182,7 +182,7 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
             except ValueError as err:  # e.g. a skip pattern that matches no layer
                 raise ConfigError(f"norm: {err}") from None
         steps_per_epoch, total = plan(len(data.train_x), config.train)
-        optimizer, scheduler = build_optimizer(config.optim, model.parameters(), total, steps_per_epoch,
+        optimizer, scheduler = build_optimizer(config.optim, model, total, steps_per_epoch,
                                                graph_device=device if config.train.cuda_graph else None)
         log = RunLog(run_dir, resolved, config.logger, run_name=run_dir.name) if rank == 0 else distributed.NullLog()
         trainer = Trainer(model, data, optimizer, scheduler, pre, config.train, device, log,

@@ -1,0 +1,53 @@
+"""Beyond the paper: BNP among the preconditioners. Does BNP's cheap diagonal buy what the full
+input covariance, Adam, Shampoo, SOAP, Muon and PSGD-Kron buy, and at what step cost?
+
+    python experiments/preconditioners.py                  # every grid, 3 seeds -> results/preconditioners
+    python experiments/preconditioners.py --grids 3        # one batch size's grids (see GRIDS)
+    python experiments/preconditioners.py --smoke          # tiny offline variant (digits)
+
+The MLP 784-256-256-256-10 on Fashion-MNIST at batch 1, 8 and 128, and the fc-head CNN 16-16-32-32 at
+batch 128; 2 epochs each. Methods (norm + optimizer): sgd (none + sgd), sgd+bnp, sgd+full (the
+full-covariance rule, norm=bnp_full), adam, adam+bnp, shampoo, soap, muon, kron (pytorch-optimizer,
+their documented defaults). Each method's lrs move down the 1-3-10 ladder with the batch size (BATCH_SHIFT); every grid runs 3 seeds and is bracketed.
+GRIDS lists them in the order batch 128, 8, 1, then the CNN: ``--grids 1-9`` is the MLP at batch 128.
+Step cost: benchmarks/bench_optimizers.py times each method against plain SGD in one process.
+"""
+
+from bnp.sweep import run_experiment
+
+SEEDS = "0,1,2"
+# method -> (norm, optim, lrs around its usual value at batch 128); batch 8 and 1 shift them down
+METHODS = {
+    "sgd": ("none", "sgd", (0.03, 0.1, 0.3)),
+    "sgd+bnp": ("bnp", "sgd", (0.01, 0.03, 0.1)),
+    "sgd+full": ("bnp_full", "sgd", (0.01, 0.03, 0.1)),
+    "adam": ("none", "adam", (0.0003, 0.001, 0.003)),
+    "adam+bnp": ("bnp", "adam", (0.0003, 0.001, 0.003)),
+    "shampoo": ("none", "shampoo", (0.003, 0.01, 0.03)),  # its default 0.001 learned little on digits
+    "soap": ("none", "soap", (0.001, 0.003, 0.01)),
+    "muon": ("none", "muon", (0.01, 0.03, 0.1)),
+    "kron": ("none", "kron", (0.0003, 0.001, 0.003)),
+}
+LADDER = [m * 10.0**e for e in range(-6, 1) for m in (1, 3)]  # 1e-6, 3e-6, ..., 1, 3: the grids' lrs
+BATCH_SHIFT = {128: 0, 8: 2, 1: 3}  # ladder steps down from batch 128's lrs (batch 8: / 10, batch 1: / ~30)
+
+
+def shifted(lr: float, steps: int) -> str:
+    i = min(range(len(LADDER)), key=lambda j: abs(LADDER[j] - lr))
+    return f"{LADDER[i - steps]:.1g}"
+
+
+def grid(method: str, batch_size: int, **fixed: str) -> dict[str, str]:
+    norm, optim, lrs = METHODS[method]
+    return {"norm": norm, "optim": optim, "train.batch_size": str(batch_size),
+            "optim.lr": ",".join(shifted(lr, BATCH_SHIFT[batch_size]) for lr in lrs), **fixed, "train.seed": SEEDS}
+
+
+GRIDS = [grid(m, b) for b in (128, 8, 1) for m in METHODS] + [grid(m, 128, model="cnn") for m in METHODS]
+SMOKE_GRIDS = [{"norm": norm, "optim": optim, "optim.lr": "0.003", "train.seed": "0"}
+               for norm, optim, _ in METHODS.values()]
+SMOKE_FIXED = ["data=digits", "train.steps=6", "train.eval_every=3", "train.log_every=3", "logger=none",
+               "model.width=16", "train.batch_size=8"]
+
+if __name__ == "__main__":
+    run_experiment("preconditioners", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
