@@ -177,3 +177,14 @@ def test_the_full_rule_refuses_the_diagonal_options(compose, tmp_path):
         run(compose(*TINY, "norm=bnp_full", "norm.clip=1.0"), tmp_path)
     with pytest.raises(ConfigError, match="norm.refresh: must be an integer >= 1"):
         run(compose(*TINY, "norm=bnp_full", "norm.refresh=0"), tmp_path / "b")
+
+
+def test_inputs_that_blew_up_give_nan_gradients_not_an_exception():
+    """A non-finite covariance cannot be factorized: the step makes the gradients NaN, which the
+    runner's divergence rule reports, instead of stopping the run with a linear-algebra error."""
+    layer = nn.Linear(3, 2)
+    pre = FullCovariance(layer, refresh=1)
+    x = torch.tensor([[1.0, float("inf"), 0.0], [0.0, 1.0, 2.0]])
+    layer(x).sum().backward()
+    pre.step()
+    assert layer.weight.grad.isnan().all()

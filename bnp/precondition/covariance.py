@@ -76,7 +76,14 @@ class _Layer:
 
     def invert(self, eps: float) -> None:
         shifted = self.cov + eps * torch.eye(self.features, dtype=self.cov.dtype, device=self.cov.device)
-        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        if info.item() == 0:
+            self.inverse = torch.cholesky_inverse(factor)
+        elif shifted.isfinite().all():  # positive definite in exact arithmetic, not after float rounding
+            values, vectors = torch.linalg.eigh(shifted)
+            self.inverse = (vectors / values.clamp_min(eps)) @ vectors.T
+        else:  # inputs that blew up: NaN gradients, which the runner's divergence rule reports
+            self.inverse = torch.full_like(shifted, math.nan)
 
     def precondition(self) -> None:
         grad = self.module.weight.grad
