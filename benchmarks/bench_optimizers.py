@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.nn import functional as F
 
+import bench_step
 from bench_step import alternate, machine, report
 from bnp import BNP, FullCovariance
 from bnp.config import OptimConfig, default_lr
@@ -41,7 +41,9 @@ def methods() -> dict[str, tuple[str, str]]:
     return {name: (norm, optim) for name, (norm, optim, _) in module.METHODS.items()}
 
 
-class Setup:
+class Setup(bench_step.Setup):
+    """bench_step's step (slice, forward, backward, pre.step(), opt.step()) with the method's parts."""
+
     def __init__(self, model_key: str, norm: str, optim: str, batch_size: int, device: torch.device):
         torch.manual_seed(0)
         _, build, shape = MODELS[model_key]
@@ -52,19 +54,7 @@ class Setup:
         if optim == "muon":
             cfg.momentum, cfg.nesterov = 0.95, True  # configs/optim/muon.yaml
         self.opt, _ = build_optimizer(cfg, self.model, total_steps=10**9, steps_per_epoch=1000)
-        n = 2048 if batch_size < 128 else 8 * batch_size
-        self.x = torch.rand(n, *shape, device=device)
-        self.y = torch.randint(0, 10, (n,), device=device)
-        self.batch_size, self.position, self.n = batch_size, 0, n
-
-    def step(self) -> None:
-        i = self.position
-        self.position = (i + self.batch_size) % (self.n - self.batch_size)
-        self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x[i : i + self.batch_size]), self.y[i : i + self.batch_size]).backward()
-        if self.pre is not None:
-            self.pre.step()
-        self.opt.step()
+        self.data(shape, batch_size, device)
 
 
 def main() -> None:

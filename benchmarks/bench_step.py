@@ -47,6 +47,10 @@ class Setup:
         # bnp: the runner's BNP(fast=True); bnp-ref: the reference path that rewrites .grad after backward
         self.pre = BNP(self.model, fast=norm == "bnp") if norm in ("bnp", "bnp-ref") else None
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.data(shape, batch_size, device)
+
+    def data(self, shape: tuple[int, ...], batch_size: int, device: torch.device) -> None:
+        """An on-device dataset of badly scaled inputs that step() slices batch after batch."""
         n = 2048 if batch_size < 128 else 8 * batch_size
         self.x = torch.randn(n, *shape, device=device) * 3 + 1
         self.y = torch.randint(0, 10, (n,), device=device)

@@ -124,3 +124,14 @@ def wandb_history(path: Path) -> dict[int, dict]:
             items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
             history.setdefault(items["_step"], {}).update(items)
     return history
+
+
+def train_steps(model, pre, opt, batches) -> None:
+    """Plain training steps with a preconditioner: forward, backward, pre.step(), opt.step()."""
+    from torch.nn import functional as F
+
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from bnp import BNP, FullCovariance
 from bnp.train import run
-from conftest import TINY
+from conftest import TINY, train_steps as train
 
 
 def correlated(n: int, features: int, gen: torch.Generator) -> torch.Tensor:
@@ -114,13 +114,6 @@ def test_the_inverse_is_refreshed_every_refresh_steps():
 def test_state_dict_resumes_exactly_and_misuse_raises():
     gen = torch.Generator().manual_seed(4)
     data = [(correlated(8, 4, gen).float(), torch.randint(0, 2, (8,), generator=gen)) for _ in range(6)]
-
-    def train(model, pre, opt, batches):
-        for x, y in batches:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            pre.step()
-            opt.step()
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -5,10 +5,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from bnp import BNP
+from conftest import train_steps as train
 
 STEPS, GLOBAL_BATCH = 15, 8
 
@@ -32,14 +32,6 @@ def global_batch(step: int):
     x = torch.randn(GLOBAL_BATCH, 6, generator=gen) * torch.linspace(0.5, 3, 6)
     x[GLOBAL_BATCH // 2 :] += 4.0
     return x, torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
-
-
-def train(model, pre, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pre.step()
-        opt.step()
 
 
 def worker(rank: int, world: int, init_file: str, sync: bool, out: str) -> None:
