@@ -1,4 +1,5 @@
 """Which code made a sweep's runs: every multirun invocation of a sweep directory is recorded.
+(Also the project's one git-commit helper and the relative paths provenance is written with.)
 
 A Hydra callback (configs/config.yaml, ``hydra.callbacks.invocations``) appends one line to
 ``<sweep dir>/invocations.jsonl`` when a multirun starts (its command, the git commit, the time)
@@ -8,8 +9,10 @@ every command and commit behind the runs, not only the last (Hydra's multirun.ya
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +22,24 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 INVOCATIONS_FILE = "invocations.jsonl"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str | None:
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it; None outside git."""
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    return None
+
+
+def relative(text: str) -> str:
+    """``text`` (a command) with this checkout's absolute paths made relative to it: provenance that
+    reads the same on every machine."""
+    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
 
 
 def _append(sweep_dir: Path, record: dict) -> None:
@@ -29,8 +50,6 @@ def _append(sweep_dir: Path, record: dict) -> None:
 
 class SweepLog(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from bnp.train import git_commit
-
         self._id = uuid.uuid4().hex[:12]
         self._dir = Path(config.hydra.sweep.dir)
         task = list(config.hydra.overrides.task)

@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -467,13 +466,13 @@ def _provenance(argv: list[str], sweep_dir: Path, runs: pd.DataFrame) -> str:
     """How the results were made: every sweep invocation with its commit (<sweep>/invocations.jsonl;
     Hydra's multirun.yaml for sweeps from before it), the commits the runs ran at, this report's
     command and commit, the machine and the summed training time."""
-    from bnp.provenance import read_invocations
+    from bnp.provenance import git_commit, read_invocations, relative
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = git_commit() or "unknown"
     lines = []
     invocations = read_invocations(sweep_dir)
     for inv in invocations:
-        lines.append(f"sweep: `{inv['command']}` (commit {inv['commit']}, {inv['started']} to "
+        lines.append(f"sweep: `{relative(inv['command'])}` (commit {inv['commit']}, {inv['started']} to "
                      f"{inv['finished'] or 'interrupted'})")
     multirun = Path(sweep_dir) / "multirun.yaml"
     if not invocations and multirun.exists():
@@ -482,7 +481,7 @@ def _provenance(argv: list[str], sweep_dir: Path, runs: pd.DataFrame) -> str:
     by_commit = runs["commit"].value_counts()
     lines += [
         "runs by the commit they ran at: " + ", ".join(f"{c} ({n})" for c, n in by_commit.items()),
-        f"report: `python -m bnp.report {' '.join(argv)}` (commit {commit})",
+        f"report: `python -m bnp.report {relative(' '.join(argv))}` (commit {commit})",
         f"runs: {len(runs)} ({_status_counts(runs['status'])}); training time summed over runs: "
         f"{runs['wall_time_s'].sum():.0f} s",
         f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
@@ -527,7 +526,9 @@ def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | No
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(_markdown(table))
     (out / "table.tex").write_text(table.to_latex(index=False, escape=True))
-    runs.to_csv(out / "runs.csv", index=False)
+    from bnp.provenance import relative
+
+    runs.assign(run=[relative(r) for r in runs["run"]]).to_csv(out / "runs.csv", index=False)
     every = runs.assign(run=[Path(r).name for r in runs["run"]]).sort_values("run")
     (out / "runs.md").write_text(every[["run", "status", "reason", "best_val_acc", "final_test_acc", "steps"]]
                                  .to_markdown(index=False) + "\n")

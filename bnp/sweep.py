@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from bnp.archive import finished_runs, read, restore, save
+from bnp.provenance import relative
 from bnp.report import (SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report,
                         seeds_shared, setting_key)
 
@@ -288,8 +289,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
         keep(final=True)
     with open(results / "PROVENANCE.md", "a") as f:
         ran = "report only" if args.report_only else f"{len(cmds)} sweeps: {'; '.join(shlex.join(c[4:]) for c in cmds)}"
-        f.write(f"- experiment: `python experiments/{name}.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
-                f" ({ran})\n")
+        given = shlex.join(argv if argv is not None else sys.argv[1:])
+        f.write(relative(f"- experiment: `python experiments/{name}.py {given}` ({ran})") + "\n")
         if not args.report_only:
             f.write(f"- wall time of this invocation: {time.time() - started:.0f} s\n")
     print(f"[experiment {sweep_name}] report in {results}")

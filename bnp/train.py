@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from bnp.data import DataError, load
 from bnp.log import FINISHED, RunLog, Unreadable, read_summary, write_json
 from bnp.loop import CheckpointError, Interrupted, Trainer, first_line, plan
 from bnp.models import build_model
+from bnp.provenance import git_commit
 from bnp.optim import build_optimizer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -59,16 +59,6 @@ OmegaConf.register_new_resolver("bnp_slug", slug, replace=True)
 # The typed schema under configs/config.yaml: every key exists with its default (no `+key=` needed
 # for documented options) and Hydra type-checks overrides while composing.
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    return None
 
 
 class RunLocked(RuntimeError):

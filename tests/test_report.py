@@ -99,3 +99,11 @@ def test_learning_rate_is_chosen_on_the_seeds_every_lr_shares():
     assert chosen.to_dict() == {"bnp": 0.01, "bn": 0.03, "ln": 0.03, "gn": 0.01}
     runs["hparams"] = float("nan")  # as pd.read_csv gives an empty column
     assert pick_learning_rates(runs).set_index("norm")["lr"].to_dict() == chosen.to_dict()
+
+
+def test_provenance_names_the_checkouts_paths_relative_to_it():
+    from bnp.provenance import ROOT, relative
+
+    command = f"python -m bnp.train -m out_root={ROOT}/outputs name=x --results {ROOT}/results/x --cwd {ROOT}"
+    assert relative(command) == "python -m bnp.train -m out_root=outputs name=x --results results/x --cwd ."
+    assert relative("out_root=/tmp/elsewhere") == "out_root=/tmp/elsewhere"  # other places stay as they are
