@@ -20,6 +20,19 @@ bnp_agc 0.03, agc 0.1; and gn, bracketed on seed 0 there with `--grids 1 --brack
 gn 0.01, bnp_agc 0.01, bnp 0.001) and results/resnet_variants_lars (grid 8 at seed 0, then `lars` at lr 0.3 and seeds 1 and 2 at the chosen lrs). Each holds its sweep.tar.gz, so
 `--restore` with the same `--suffix` finishes the rest of its grids (e.g. seeds 1 and 2), and
 `--confirm-seeds 0,1,2` adds the seeds at the chosen lrs only (bnp.sweep).
+
+Is BNP + clipping's result robust? Two settings of their own, each screened on seed 0, bracketed,
+then every lr tried run over 3 seeds (--all-seeds):
+
+    # the projection-shortcut ResNet-20 (1x1 convolutions where the shape changes), 2 epochs
+    python experiments/resnet_variants.py --suffix proj --grids 1,2,5 --bracket-cap 2 --all-seeds 0,1,2 \
+        --launcher basic --results results/resnet20proj-b128-2ep model.shortcut=projection train.seed=0 train.threads=1
+    # today's form at 3x the budget
+    python experiments/resnet_variants.py --suffix 6ep --grids 1,2 --bracket-cap 2 --all-seeds 0,1,2 \
+        --launcher basic --results results/resnet20-b128-6ep train.epochs=6 train.seed=0 train.threads=1
+
+On 2 CPU cores (one run per core) a 2-epoch run takes 5-8 minutes and a 6-epoch run about 14; both
+resume where they stopped (add --restore on another machine).
 """
 
 from bnp.sweep import run_experiment
