@@ -5,8 +5,9 @@
 
 ``save`` packs what the report and the resume check read: the sweep's records (invocations.jsonl,
 bracket.json, multirun.yaml) and, of every run that has finished (completed, diverged or not
-applicable), its config.yaml, summary.json, metrics.jsonl and .hydra/. Checkpoints, W&B files,
-failed and unfinished runs stay behind: those runs start again wherever the sweep is resumed.
+applicable), its config.yaml, overrides.yaml, summary.json, metrics.jsonl (and an older run's
+.hydra/). Checkpoints, W&B files, failed and unfinished runs stay behind: those runs start again
+wherever the sweep is resumed.
 ``restore`` unpacks into a sweep directory, after which rerunning the sweep's command (or its
 experiment file) skips the finished runs and the report covers them all.
 
@@ -39,7 +40,7 @@ from bnp.log import Unreadable, finished, read_summary
 from bnp.report import find_runs
 
 INVOCATIONS, BRACKET, MULTIRUN = "invocations.jsonl", "bracket.json", "multirun.yaml"
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl")
+RUN_FILES = ("config.yaml", "overrides.yaml", "summary.json", "metrics.jsonl")
 
 Files = dict[str, bytes]  # path inside the sweep directory -> content
 

@@ -39,6 +39,16 @@ def summed(*values: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.unbind())
 
 
+def from_rank0(value):
+    """Rank 0's ``value`` on every rank (a decision only rank 0 can make, e.g. from the files it
+    alone writes); the value itself with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class NullLog:
     """The metric sink of ranks other than 0: accepts everything, writes nothing."""
 
@@ -50,6 +60,9 @@ class NullLog:
 
     def replay(self) -> int:
         return 0
+
+    def initial_val_loss(self) -> None:
+        return None
 
     def log(self, row: dict) -> None:
         pass

@@ -135,6 +135,12 @@ class RunLog:
             self._to_wandb(row)
         return len(rows)
 
+    def initial_val_loss(self) -> float | None:
+        """The untrained model's validation loss (the step-0 evaluation row), if metrics.jsonl has it."""
+        self.file.flush()
+        return next((row["val_loss"] for row in read_metrics(self.path)
+                     if row.get("step") == 0 and row.get("val_loss") is not None), None)
+
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(_finite_or_none(row)) + "\n")
         self.file.flush()

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from bnp import BNP
 from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
+from bnp import distributed
 from bnp.distributed import summed
 from bnp.analysis.diagnostics import Diagnostics
 from bnp.graph import GraphMode
@@ -147,20 +148,23 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one; True if training continues from it. Without one (none
-        written yet, or metrics.jsonl lost rows it counts on) the run starts over, its metrics too."""
-        if not self.checkpoint.exists():
+        written yet, or metrics.jsonl lost rows it counts on) the run starts over, its metrics too.
+        Rank 0 decides for all ranks: it alone reads the metrics."""
+        state = None
+        if self.checkpoint.exists():
+            try:
+                state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+                offset = state["metrics_offset"]
+            except Exception as err:
+                raise self._unusable(err) from err
+            try:
+                self.log.truncate(offset)
+            except ValueError as err:  # the rows before the checkpoint are gone: no run could end with them
+                print(f"[bnp] warning: {err}, which {self.checkpoint.name} continues; starting the run over",
+                      file=sys.stderr, flush=True)
+                state = None
+        if not distributed.from_rank0(state is not None):
             self.log.truncate(0)  # rows of an attempt killed before its first checkpoint
-            return False
-        try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-        except Exception as err:
-            raise self._unusable(err) from err
-        try:
-            self.log.truncate(state["metrics_offset"])
-        except ValueError as err:  # the rows before the checkpoint are gone: no run could end with them
-            print(f"[bnp] warning: {err}, which {self.checkpoint.name} continues; starting the run over",
-                  file=sys.stderr, flush=True)
-            self.log.truncate(0)
             return False
         try:
             self.model.load_state_dict(state["model"])
@@ -170,14 +174,19 @@ class Trainer:
                 self.pre.load_state_dict(state["pre"])
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
+            p = state["progress"]
+            for name in self.PROGRESS:
+                if name in p:  # checkpoints from before the divergence rule have no initial_loss
+                    setattr(self, name, p[name])
+            for name in self.SUMS:
+                getattr(self, name).fill_(p[name])
         except Exception as err:
             raise self._unusable(err) from err
-        p = state["progress"]
-        for name in self.PROGRESS:
-            if name in p:  # checkpoints from before the divergence rule have no initial_loss
-                setattr(self, name, p[name])
-        for name in self.SUMS:
-            getattr(self, name).fill_(p[name])
+        if self.initial_loss is None and self.step > 0:  # such an old checkpoint: the step-0 row has it
+            self.initial_loss = distributed.from_rank0(self.log.initial_val_loss())
+            if self.initial_loss is None:
+                print(f"[bnp] warning: {self.checkpoint} and metrics.jsonl lack the untrained model's loss; "
+                      "the divergence rule checks for NaN/inf only in this run", file=sys.stderr, flush=True)
         self.log.replay()  # W&B gets the rows before the checkpoint again (the killed session may lack them)
         return True
 

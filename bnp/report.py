@@ -124,9 +124,10 @@ def _defaults() -> dict:
 
 def _config_column(runs: pd.DataFrame, flats: list[dict]) -> list[str]:
     """Per run, the config values (outside NOT_SETTING) that differ among the runs of its
-    (data, model, norm, batch size, optimizer), as ``key=value,...``."""
+    (data, model, batch size, optimizer), as ``key=value,...``: the same keys for every method
+    compared there, so methods line up on the same settings."""
     column = [""] * len(runs)
-    for _, index in runs.groupby(SETTING[:-1], sort=False).groups.items():
+    for _, index in runs.groupby(["data", "model", "batch_size", "optim"], sort=False).groups.items():
         rows = [flats[i] for i in index]
         keys = sorted(k for k in set().union(*rows) if not k.startswith(NOT_SETTING)
                       and len({repr(r.get(k)) for r in rows}) > 1)
@@ -140,10 +141,10 @@ def _one_per_config(runs: pd.DataFrame) -> pd.DataFrame:
     count once: a finished one before others, then the one that started last."""
     runs = runs.assign(_unfinished=~runs["status"].isin(FINISHED)).sort_values(
         ["_unfinished", "started"], ascending=[True, False], kind="stable")
-    key = SETTING + ["lr", "hparams", "seed"]
-    dropped = runs[runs.duplicated(key, keep="first")]
-    for _, extra in dropped.iterrows():
-        kept = runs[(runs[key] == extra[key]).all(axis=1)].iloc[0]
+    group = runs.groupby(SETTING + ["lr", "hparams", "seed"], dropna=False, sort=False).ngroup()  # NaN lr: one value
+    dropped = runs[group.duplicated(keep="first")]
+    for index, extra in dropped.iterrows():
+        kept = runs[group == group[index]].iloc[0]
         print(f"[report] warning: {extra['run']} repeats the config and seed of {kept['run']}; counted once "
               "(kept the finished one, or the later)", file=sys.stderr)
     return runs.drop(index=dropped.index).drop(columns="_unfinished").sort_index()
@@ -169,7 +170,9 @@ def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
             summary = read_summary(run_dir) or {"status": "unfinished"}
         except Unreadable as err:
             summary = {"status": "damaged", "reason": str(err)}
-        overrides = run_dir / ".hydra" / "overrides.yaml"
+        overrides = run_dir / "overrides.yaml"
+        if not overrides.exists():  # runs from before the runner wrote its own copy
+            overrides = run_dir / ".hydra" / "overrides.yaml"
         row = {
             "run": str(run_dir), "data": cfg["data"]["name"], "model": model, "norm": _norm_label(cfg["norm"]),
             "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],

@@ -41,6 +41,7 @@ from bnp.provenance import git_commit
 from bnp.optim import build_optimizer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+OVERRIDES = "overrides.yaml"  # the run's command-line overrides (Hydra's own .hydra/ copy is off: see configs/config.yaml)
 
 
 def slug(overrides: str) -> str:
@@ -94,10 +95,12 @@ def one_line(err: BaseException) -> str:
     return text if own else f"{type(err).__name__}: {text}"
 
 
-def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None, capture=None) -> dict:
+def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progress=None, capture=None,
+        overrides: list[str] | None = None) -> dict:
     """Validate ``cfg``, train, and write the run directory; returns the summary. ``progress(trainer)``
     is called at every log point and evaluation; ``capture`` replaces the CUDA-graph capture of
-    train.cuda_graph (bnp.graph.capture_cuda_graph), e.g. by a stand-in on CPU."""
+    train.cuda_graph (bnp.graph.capture_cuda_graph), e.g. by a stand-in on CPU; ``overrides`` (the
+    command line's) go to ``overrides.yaml``, which sweeps read to repeat a run at other lrs or seeds."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
@@ -127,6 +130,8 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
         resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
         if rank == 0:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+            if overrides is not None:
+                (run_dir / OVERRIDES).write_text(OmegaConf.to_yaml(list(overrides)))
         base = {"run_dir": str(run_dir), "name": config.name, "git_commit": git_commit(),
                 "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
@@ -231,7 +236,7 @@ def main(cfg: DictConfig) -> RunResult:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return RunResult(run(cfg, run_dir, in_sweep=in_sweep))
+        return RunResult(run(cfg, run_dir, in_sweep=in_sweep, overrides=list(hydra_cfg.overrides.task)))
     except KeyboardInterrupt as err:
         where = str(err) if isinstance(err, Interrupted) else "before training started"
         then = "" if getattr(err, "finished", False) else "; run the same command again to resume"

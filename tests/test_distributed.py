@@ -106,3 +106,33 @@ def test_torchrun_runner_matches_single_process(tmp_path):
     assert a["status"] == b["status"] == "completed" and a["processes"] == 2 and b["processes"] == 1
     for key in ("final_val_loss", "final_test_loss", "final_train_loss", "prequential_acc"):
         assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), (key, a[key], b[key])
+
+
+def test_torchrun_ranks_agree_to_start_over_when_rank_0_cannot_resume(tmp_path):
+    """metrics.jsonl lost the rows the checkpoint counts on: rank 0 (the one that reads it) starts
+    the run over and the other ranks follow, instead of resuming from the checkpoint alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["logger=none", "norm=bnp", "train.batch_size=16", "train.steps=40", "train.eval_every=20",
+            "train.device=cpu", "model.width=32", f"out_root={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "bnp.train", *args]
+    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    done = json.loads((run_dir / "summary.json").read_text())
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "summary.json").unlink()  # an unfinished run whose checkpoint (step 40) outlived its metrics
+    (run_dir / "metrics.jsonl").write_text("")
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "starting the run over" in again.stderr, again.stdout[-2000:] + again.stderr[-2000:]
+    redone = json.loads((run_dir / "summary.json").read_text())
+    assert redone["status"] == "completed" and redone["steps"] == 40
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(rows)
+    for key in ("final_val_loss", "final_train_loss", "prequential_acc"):
+        assert abs(redone[key] - done[key]) <= 1e-6 * max(1.0, abs(done[key])), (key, redone[key], done[key])

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnp import BNP
+from bnp.precondition.covariance import FullCovariance
 from bnp.archive import save
 from bnp.config import ConfigError
 from bnp.log import read_json, read_metrics
@@ -149,6 +150,22 @@ def test_divergence_is_caught_after_a_resume(tmp_path, checkpoint):
     assert summary["status"] == "diverged" and "untrained model's validation loss" in summary["reason"], summary
 
 
+def test_a_checkpoint_without_the_divergence_baseline_takes_it_from_the_metrics(tmp_path):
+    """Checkpoints written before the divergence rule lack the untrained model's loss; the step-0
+    row of metrics.jsonl has it, so the rule stays on after resuming from such a checkpoint."""
+    blowup = ["model.width=32", "norm=none", "optim.lr=100", "train.steps=300", "train.log_every=20",
+              "train.eval_every=1", "train.device=cpu"]  # the loss is 244 at step 2
+    run_dir = tmp_path / "run"
+    assert train(run_dir, blowup, kill_at=1).returncode == -signal.SIGKILL  # after the step-1 checkpoint
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["progress"]["step"] == 1
+    del state["progress"]["initial_loss"]
+    torch.save(state, run_dir / "checkpoint.pt")
+    assert train(run_dir, blowup).returncode == 0
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "diverged" and "untrained model's validation loss" in summary["reason"], summary
+
+
 def test_wandb_receives_every_row_of_a_run_resumed_after_sigkill(tmp_path):
     run_dir = tmp_path / "run"
     assert train(run_dir, HEALTHY, kill_at=150, wandb=True).returncode == -signal.SIGKILL
@@ -205,11 +222,16 @@ def test_a_bad_command_never_touches_a_finished_run(tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     (run_dir,) = (tmp_path / "runs").iterdir()
-    before = {name: (run_dir / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.jsonl")}
+
+    def files():  # every file of the run directory (Hydra's .hydra/ included, were it written)
+        return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = files()
+    assert {"summary.json", "config.yaml", "overrides.yaml", "metrics.jsonl"} <= {p.name for p in before}
     proc = cli(*args, "train.threads=0")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 2 and "error: train.threads: must be null or an integer >= 1, got 0" in out, out
-    assert before == {name: (run_dir / name).read_bytes() for name in before}
+    assert files() == before
     assert read_json(run_dir / "summary.json")["status"] == "completed"
 
 
@@ -304,13 +326,19 @@ def test_library_misuse_raises_and_says_the_right_order(fast):
     F.cross_entropy(model(x), y)
     with pytest.raises(RuntimeError, match="step\\(\\) came before loss.backward\\(\\)"):
         pre.step()
-    with pytest.raises(RuntimeError, match="already preconditioned by another BNP instance"):
+    with pytest.raises(RuntimeError, match="already preconditioned by another BNP or FullCovariance instance"):
         BNP(model, fast=fast)
+    with pytest.raises(RuntimeError, match="FullCovariance: layer .* already preconditioned"):
+        FullCovariance(model)
     pre.remove()
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="this preconditioner was removed"):
         pre.step()
     BNP(model, fast=fast)  # a removed one leaves room for a new one
+    other = net()
+    FullCovariance(other)
+    with pytest.raises(RuntimeError, match="BNP: layer .* already preconditioned"):
+        BNP(other, fast=fast)
 
 
 @pytest.mark.parametrize("fast", [False, True])

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnp.precondition.layers import candidates, matches, resolve_ends, skip_patterns
+from bnp.precondition.layers import candidates, check_unclaimed, matches, resolve_ends, skip_patterns
 from bnp.precondition.stats import AUTO_WINDOW
 
 
 class _Layer:
     """One tracked layer: its patches' shape, running mean and covariance, and the cached inverse."""
+
+    preconditions_layer = True  # its hook marks the layer taken (layers.check_unclaimed)
 
     def __init__(self, name: str, module: nn.Module, alpha):
         self.name, self.module, self.alpha = name, module, alpha  # alpha(samples): the momentum
@@ -123,6 +125,7 @@ class FullCovariance:
                 raise ValueError(f"FullCovariance: skip pattern {pattern!r} matches no layer; layers: {sorted(found)}")
         self.left: dict[str, str] = {}  # layers this rule leaves to the optimizer, and why
         self._layers: list[_Layer] = []
+        check_unclaimed(((n, m) for n, m in found.items() if not self._unsupported(n, m)), "FullCovariance")
         for name, module in found.items():
             why = self._unsupported(name, module)
             if why:

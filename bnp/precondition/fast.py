@@ -47,6 +47,8 @@ class FastForward:
     not a closure, so that ``copy.deepcopy(model)`` yields layers that feed a copy of the
     preconditioner, never the original."""
 
+    preconditions_layer = True  # layers.check_unclaimed
+
     def __init__(self, pre: BNP, layer: Layer):
         self.pre, self.layer = pre, layer
 

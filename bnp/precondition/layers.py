@@ -13,6 +13,20 @@ from torch import nn
 TRACKED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def check_unclaimed(layers: Iterable[tuple[str, nn.Module]], who: str) -> None:
+    """One preconditioner per layer: a second one (BNP or FullCovariance) would precondition the
+    gradients twice, or with BNP(fast=True) leave the first one inert. A preconditioner's hooks and
+    forwards say so by a ``preconditions_layer`` attribute (of the object or of a bound method's owner)."""
+    for name, module in layers:
+        for hook in (vars(module).get("forward"), *module._forward_pre_hooks.values()):
+            if getattr(hook, "preconditions_layer", False) or getattr(getattr(hook, "__self__", None),
+                                                                        "preconditions_layer", False):
+                raise RuntimeError(
+                    f"{who}: layer {name!r} is already preconditioned by another BNP or FullCovariance instance "
+                    "(a deep copy of a model carries a copy of its preconditioner along); call remove() on that "
+                    "one first, or build one preconditioner per model")
+
+
 class GradState(enum.Enum):
     """Where a layer's gradients stand within the current step (every step() resets it to FRESH)."""
 

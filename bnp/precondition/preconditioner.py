@@ -34,7 +34,7 @@ from torch import nn
 
 from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
-from bnp.precondition.layers import (UNSEEN, GradState, Layer, candidates, discover, matches, resolve_ends,
+from bnp.precondition.layers import (UNSEEN, GradState, Layer, candidates, check_unclaimed, discover, matches, resolve_ends,
                                      skip_patterns, untracked)
 from bnp.precondition.rows import OutputStats, clip_units, trust_layer
 from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
@@ -85,19 +85,6 @@ def _warn_untracked(model: nn.Module, left: dict[str, tuple[str, list[str]]], sk
                       stacklevel=3)
 
 
-def _check_not_tracked(layers: list[Layer]) -> None:
-    """One preconditioner per layer: a second one would precondition the gradients twice (or, with
-    fast=True, leave the first one inert)."""
-    for layer in layers:
-        module, forward = layer.module, vars(layer.module).get("forward")
-        if isinstance(forward, FastForward) or any(isinstance(hook, CollectInput)
-                                                   for hook in module._forward_pre_hooks.values()):
-            raise RuntimeError(
-                f"BNP: layer {layer.name!r} is already preconditioned by another BNP instance (a deep copy of a "
-                "model carries a copy of its preconditioner along); call remove() on that one first, or build "
-                "one BNP per model")
-
-
 @torch.compiler.disable
 def _eager_step(pre: BNP) -> None:
     with torch.no_grad():
@@ -107,6 +94,8 @@ def _eager_step(pre: BNP) -> None:
 class CollectInput:
     """Forward pre-hook of a tracked layer on the reference path. An object bound to
     (preconditioner, layer), so a deep copy of the model collects into its own copy."""
+
+    preconditions_layer = True  # layers.check_unclaimed
 
     def __init__(self, pre: BNP, layer: Layer):
         self.pre, self.layer = pre, layer
@@ -205,7 +194,7 @@ class BNP:
         self.compiled_fallback = False  # fast layers ran under torch.compile (reference path instead)
         self._told_fallback = False
         self._layers = discover(model, self.skip)
-        _check_not_tracked(self._layers)
+        check_unclaimed(((layer.name, layer.module) for layer in self._layers), "BNP")
         self.removed = False
         self.untracked = untracked(model, self._layers)
         _warn_untracked(model, self.untracked, self.skip)

@@ -81,9 +81,6 @@ class RunningStats:
     def _follow(self, device: torch.device) -> None:
         """Move the buffers to the device of the inputs and the dtype of the model (the model was
         moved, or cast with e.g. ``model.double()``)."""
-        if device == self.mean.device and (self.layers[0].weight.dtype == torch.float64) == (
-                self.dtype == torch.float64):
-            return
         dtype = stats_dtype(self.layers)
         if device != self.mean.device or dtype != self.dtype:
             self.dtype = dtype
