@@ -293,6 +293,11 @@ def test_a_report_keeps_different_configurations_apart_and_counts_a_config_once(
     assert sorted(table["config"]) == ["optim.momentum=0,train.steps=100", "optim.momentum=0,train.steps=200",
                                        "optim.momentum=0.9,train.steps=100", "optim.momentum=0.9,train.steps=200"]
     assert (table["seeds"] == 1).all() and (table["status"] == "1 completed").all()
+    for name in ("bad", "bad-again"):  # a config that failed validation twice: no lr, still counted once
+        with pytest.raises(ConfigError):
+            run(compose(*HEALTHY, "logger=none", "train.threads=0", "optim.lr=null"), sweep / name)
+    runs, _ = load_runs(sweep)
+    assert len(runs) == 5 and runs["lr"].isna().sum() == 1
 
 
 def test_a_setting_whose_runs_all_diverged_has_no_chosen_lr(tmp_path, compose):
