@@ -346,6 +346,8 @@ def comparison_table(runs: pd.DataFrame, curves: dict[str, list[dict]], target: 
         row.update({
             "lr": lr, "lr_bracket": lr_bracket(group, lr, hparams, (extensions or {}).get(setting_key(key))),
             "hparams": hparams, "seeds": len(best),
+            # the seeds every lr of the setting ran: what the lr was chosen on (1 = a one-seed screen)
+            "chosen_on": len(seeds_shared(_val_for_choice(group))) or len(best),
             "test_acc": _mean_std(best["final_test_acc"]),
             "best_val_acc": _mean_std(best["best_val_acc"]),
             "train_loss": _mean_std(best["final_train_loss"]),

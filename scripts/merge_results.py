@@ -154,8 +154,8 @@ def check_one_setting(sweep: Path) -> None:
 def merge(name: str, sources: list) -> None:
     out = RESULTS / name
     sweep = ROOT / "outputs" / "sweeps" / name
-    if sweep.exists():
-        shutil.rmtree(sweep)
+    if sweep.exists():  # it may hold runs made since (a sweep finishing the setting): never overwritten
+        raise SystemExit(f"error: {sweep} exists; finish or archive it (python -m bnp.archive save) and remove it first")
     archive = out / "sweep.tar.gz"
     out.mkdir(parents=True, exist_ok=True)
     archive.unlink(missing_ok=True)

@@ -99,6 +99,10 @@ def test_learning_rate_is_chosen_on_the_seeds_every_lr_shares():
     assert chosen.to_dict() == {"bnp": 0.01, "bn": 0.03, "ln": 0.03, "gn": 0.01}
     runs["hparams"] = float("nan")  # as pd.read_csv gives an empty column
     assert pick_learning_rates(runs).set_index("norm")["lr"].to_dict() == chosen.to_dict()
+    metrics = {k: runs["best_val_acc"] for k in ("final_test_acc", "final_train_loss", "prequential_acc", "wall_time_s")}
+    table = comparison_table(runs.assign(hparams="", config="", run=runs.index.astype(str), **metrics), {},
+                             0.9).set_index("norm")
+    assert table["chosen_on"].to_dict() == {"bnp": 1, "bn": 1, "ln": 1, "gn": 2}  # the seeds the choice saw
 
 
 def test_provenance_names_the_checkouts_paths_relative_to_it():
