@@ -1,5 +1,5 @@
 # bnp: run `make help` for the list of targets. fig-* targets pass ARGS to their experiment file,
-# e.g. make fig-online-fc ARGS=--restore (finish a committed sweep, bnp/archive.py).
+# e.g. make fig-cnn-fc-b1-1ep ARGS=--restore (finish a committed sweep, bnp/archive.py).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -43,41 +43,60 @@ report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/N
 	@test -n "$(SWEEP)" || (echo "usage: make report SWEEP=outputs/sweeps/NAME [OUT=dir]" && exit 2)
 	$(PY) -m bnp.report $(SWEEP) $(if $(OUT),--out $(OUT),)
 
-fig-defaults: setup ## the defaults learn: every norm x batch size 1/16/128 at default settings, digits -> results/defaults
-	$(PY) experiments/defaults.py $(ARGS)
+# One target per setting directory in results/ (results/README.md groups them by claim). Each
+# finishes its sweep from the committed archive with ARGS=--restore.
+X := $(PY) experiments
+fig-digits-mlp-defaults: setup ## the defaults learn: every norm x batch 1/16/128 at default lrs, digits
+	$(X)/defaults.py --name digits-mlp-defaults $(ARGS)
 
-fig-mlp-batch-size: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128 -> results/mlp_batch_size
-	$(PY) experiments/mlp_batch_size.py $(ARGS)
+fig-mlp-b1-128-2ep: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128, 2 epochs
+	$(X)/mlp_batch_size.py --name mlp-b1-128-2ep $(ARGS)
 
-fig-online: setup ## claim 3: online learning (batch size 1), MLP and CNN -> results/online
-	$(PY) experiments/online.py $(ARGS)
+fig-mlp-b1-1ep: setup ## claim 3: online learning (batch 1), MLP
+	$(X)/online.py --name mlp-b1-1ep --grids 1 $(ARGS)
 
-fig-online-fc: setup ## claims 3-4: online learning (batch size 1) with the fc-head CNN, 3 seeds -> results/online_fc
-	$(PY) experiments/online.py --suffix fc --grids 2 model.head=fc $(ARGS)
+fig-cnn-gap-b1-1ep: setup ## claim 3: online learning (batch 1), GAP-head CNN
+	$(X)/online.py --name cnn-gap-b1-1ep --grids 2 model.head=gap $(ARGS)
 
-fig-cnn: setup ## claim 4: CNN on Fashion-MNIST, GAP and fc heads, batch 128 and 8 -> results/cnn
-	$(PY) experiments/cnn.py $(ARGS)
+fig-cnn-fc-b1-1ep: setup ## claims 3-4: online learning (batch 1), fc-head CNN
+	$(X)/online.py --name cnn-fc-b1-1ep --grids 2 model.head=fc $(ARGS)
 
-fig-cnn-fc: setup ## claim 4 with the fc head (16-16-32-32) at batch 128 and 8, one seed (the CPU run) -> results/cnn_fc
-	$(PY) experiments/cnn.py --suffix fc --grids 1,2 model.head=fc train.seed=0 $(ARGS)
+fig-cnn-gap-b128-2ep: setup ## claim 4: GAP-head CNN, batch 128, 2 epochs, plain SGD
+	$(X)/cnn.py --name cnn-gap-b128-2ep --grids 1 model.head=gap $(ARGS)
 
-fig-bnp-variants: setup ## claim 4, why BNP lags BN on the GAP CNN: BNP's variants vs BN, instruments on -> results/bnp_variants
-	$(PY) experiments/bnp_variants.py $(ARGS)
+fig-cnn-gap-b8-1ep: setup ## claim 4: GAP-head CNN, batch 8, 1 epoch
+	$(X)/cnn.py --name cnn-gap-b8-1ep --grids 2 model.head=gap $(ARGS)
 
-fig-cnn-momentum: setup ## claim 4 at a longer budget: CNN, SGD momentum 0.9, cosine, 6 epochs -> results/cnn_momentum
-	$(PY) experiments/cnn_momentum.py $(ARGS)
+fig-cnn-fc-b128-2ep: setup ## claim 4: fc-head CNN, batch 128, 2 epochs
+	$(X)/cnn.py --name cnn-fc-b128-2ep --grids 1 model.head=fc $(ARGS)
 
-fig-cnn-classic: setup ## claim 4 on a classic 32-64-128 CNN with an fc head: none/bn/bnp, BNP momentum 0.01, one seed -> results/cnn_classic
-	$(PY) experiments/cnn_classic.py $(ARGS)
+fig-cnn-fc-b8-1ep: setup ## claim 4: fc-head CNN, batch 8, 1 epoch
+	$(X)/cnn.py --name cnn-fc-b8-1ep --grids 2 model.head=fc $(ARGS)
 
-fig-cnn-momentum-variants: setup ## claim 4's momentum target: BN vs BNP, BNP+clipping and clipping alone, one seed -> results/cnn_momentum_variants
-	$(PY) experiments/cnn_momentum_variants.py --bracket-cap 2 $(ARGS)
+fig-cnn-classic-b128-1ep: setup ## claim 4: classic 32-64-128 CNN with an fc head, batch 128, 1 epoch
+	$(X)/cnn_classic.py --name cnn-classic-b128-1ep $(ARGS)
 
-fig-resnet: setup ## claim 4: ResNet-20 on Fashion-MNIST (GPU-sized) -> results/resnet
-	$(PY) experiments/resnet.py $(ARGS)
+fig-cnn-gap-b32-2ep: setup ## claim 4, why BNP lags on the GAP CNN: BNP's variants vs BN, batch 32, instruments on
+	$(X)/bnp_variants.py --name cnn-gap-b32-2ep $(ARGS)
 
-fig-resnet-variants: setup ## claim 4's ResNet target: BN, GN, BNP, BNP+clipping, clipping alone; batch 128 and 8, 3 seeds (GPU-sized) -> results/resnet_variants
-	$(PY) experiments/resnet_variants.py $(ARGS)
+fig-cnn-gap-b128-6ep-momentum: setup ## claim 4 at a longer budget: GAP CNN, momentum + cosine, 6 epochs, with clipping and trust-ratio variants
+	$(X)/cnn_momentum.py --name cnn-gap-b128-6ep-momentum $(ARGS)
+	$(X)/cnn_momentum_variants.py --name cnn-gap-b128-6ep-momentum --bracket-cap 2 $(ARGS)
+
+fig-resnet20-b128-2ep: setup ## claim 4: ResNet-20, batch 128, 2 epochs: BN, GN, BNP, BNP+clipping, clipping, trust ratio
+	$(X)/resnet_variants.py --name resnet20-b128-2ep --grids 1,2,3,4,5,8 --bracket-cap 2 $(ARGS)
+
+fig-resnet20-b8-2ep: setup ## claim 4: ResNet-20, batch 8, 2 epochs
+	$(X)/resnet_variants.py --name resnet20-b8-2ep --grids 6,7,9 --bracket-cap 2 $(ARGS)
+
+fig-resnet20-b128-6ep: setup ## claim 4's fix at 3x the budget: BN, GN, BNP+clipping, every lr over 3 seeds
+	$(X)/resnet_variants.py --name resnet20-b128-6ep --grids 1,2 --bracket-cap 2 --all-seeds 0,1,2 train.epochs=6 train.seed=0 $(ARGS)
+
+fig-resnet20proj-b128-2ep: setup ## claim 4's fix on projection-shortcut ResNet-20: BN, GN, BNP, BNP+clipping
+	$(X)/resnet_variants.py --name resnet20proj-b128-2ep --grids 1,2,5 --bracket-cap 2 --all-seeds 0,1,2 model.shortcut=projection train.seed=0 $(ARGS)
+
+fig-resnet: setup ## ResNet-20 on Fashion-MNIST at the GPU-sized budget -> results/resnet
+	$(X)/resnet.py $(ARGS)
 
 fig-preconditioners: setup ## beyond the paper: BNP among the preconditioners (SGD/Adam +- BNP, full covariance, Shampoo, SOAP, Muon, Kron), MLP batch 1/8/128 + CNN -> results/preconditioners
 	$(PY) experiments/preconditioners.py $(ARGS)
@@ -88,10 +107,13 @@ bench-optimizers: setup ## step time of each preconditioners method vs plain SGD
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py $(ARGS)
 
-reproduce: fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-classic fig-cnn-momentum fig-cnn-momentum-variants fig-bnp-variants fig-resnet fig-resnet-variants fig-preconditioners fig-hessian ## every paper-claim experiment
+reproduce: fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-preconditioners fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
 	for e in defaults mlp_batch_size online cnn cnn_classic cnn_momentum cnn_momentum_variants bnp_variants resnet resnet_variants preconditioners hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
+
+docs: setup ## render the numbers in README.md and docs/ from results/*/table.csv (docs/templates/)
+	$(PY) -m bnp.docs
 
 sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`)
 	find outputs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
@@ -99,4 +121,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report sync clean fig-defaults fig-mlp-batch-size fig-online fig-online-fc fig-cnn fig-cnn-fc fig-cnn-classic fig-bnp-variants fig-cnn-momentum fig-cnn-momentum-variants fig-resnet fig-resnet-variants fig-preconditioners bench-optimizers fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report docs sync clean fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-resnet fig-preconditioners bench-optimizers fig-hessian reproduce smoke

@@ -234,6 +234,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     parser.add_argument("--restore", action="store_true", help=f"first unpack RESULTS/{ARCHIVE} (the committed "
                         "finished runs) into the sweep directory, so the sweep finishes what another machine began")
     parser.add_argument("--suffix", default="", help="variant name, e.g. mnist: sweep NAME_mnist")
+    parser.add_argument("--name", default=None, help="the sweep's and results' name outright (a setting's "
+                        "directory, e.g. resnet20-b128-2ep: sweep outputs/sweeps/NAME, report results/NAME)")
     parser.add_argument("--grids", default=None, help="run only these of the experiment's grids, e.g. 1 or 1,3 "
                         "(1-based, in the file's order)")
     parser.add_argument("--bracket-cap", type=int, default=None,
@@ -246,7 +248,7 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
                         "one of a grid's keys replaces its values, e.g. norm=none,bnp")
     args = parser.parse_args(argv)
-    sweep_name = name + (f"_{args.suffix}" if args.suffix else "") + ("_smoke" if args.smoke else "")
+    sweep_name = (args.name or name + (f"_{args.suffix}" if args.suffix else "")) + ("_smoke" if args.smoke else "")
     launcher = args.launcher or ("basic" if args.smoke else "local")
     if args.smoke:
         grids, fixed = smoke_grids, [*fixed, *smoke_fixed]
