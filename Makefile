@@ -112,6 +112,12 @@ reproduce: fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
 	for e in defaults mlp_batch_size online cnn cnn_classic cnn_momentum cnn_momentum_variants bnp_variants resnet resnet_variants preconditioners hessian; do $(PY) experiments/$$e.py --smoke || exit 1; done
 
+table: setup ## a setting's committed table from its archive alone: make table SETTING=resnet20-b128-2ep (what a fresh clone gets)
+	@test -n "$(SETTING)" || (echo "usage: make table SETTING=<a directory of results/>" && exit 2)
+	rm -rf outputs/archived/$(SETTING)
+	$(PY) -m bnp.archive restore results/$(SETTING)/sweep.tar.gz outputs/archived/$(SETTING)
+	$(PY) -m bnp.report outputs/archived/$(SETTING) --out results/$(SETTING) --target $$(grep -m1 -o -- '--target [0-9.]*' results/$(SETTING)/PROVENANCE.md | cut -d' ' -f2 || echo 0.9)
+
 docs: setup ## render the numbers in README.md and docs/ from results/*/table.csv (docs/templates/)
 	$(PY) -m bnp.docs
 
@@ -121,4 +127,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report docs sync clean fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-resnet fig-preconditioners bench-optimizers fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report table docs sync clean fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-resnet fig-preconditioners bench-optimizers fig-hessian reproduce smoke
