@@ -116,7 +116,7 @@ table: setup ## a setting's committed table from its archive alone: make table S
 	@test -n "$(SETTING)" || (echo "usage: make table SETTING=<a directory of results/>" && exit 2)
 	rm -rf outputs/archived/$(SETTING)
 	$(PY) -m bnp.archive restore results/$(SETTING)/sweep.tar.gz outputs/archived/$(SETTING)
-	$(PY) -m bnp.report outputs/archived/$(SETTING) --out results/$(SETTING) --target $$(grep -m1 -o -- '--target [0-9.]*' results/$(SETTING)/PROVENANCE.md | cut -d' ' -f2 || echo 0.9)
+	$(PY) -m bnp.report outputs/archived/$(SETTING) --out results/$(SETTING) --target $$(t=$$(grep -m1 -o -- '--target [0-9.]*' results/$(SETTING)/PROVENANCE.md | cut -d' ' -f2); echo $${t:-0.9})
 
 docs: setup ## render the numbers in README.md and docs/ from results/*/table.csv (docs/templates/)
 	$(PY) -m bnp.docs

@@ -36,11 +36,11 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from bnp.log import Unreadable, finished, read_summary
+from bnp.log import OVERRIDES, Unreadable, finished, read_summary
 from bnp.report import find_runs
 
 INVOCATIONS, BRACKET, MULTIRUN = "invocations.jsonl", "bracket.json", "multirun.yaml"
-RUN_FILES = ("config.yaml", "overrides.yaml", "summary.json", "metrics.jsonl")
+RUN_FILES = ("config.yaml", OVERRIDES, "summary.json", "metrics.jsonl")
 
 Files = dict[str, bytes]  # path inside the sweep directory -> content
 

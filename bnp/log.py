@@ -26,6 +26,9 @@ def read_json(path: Path) -> Any:
 
 
 FINISHED = ("completed", "diverged", "not_applicable")  # a run in one of these is skipped when run again
+# a run's command-line overrides, written by the runner (Hydra's own .hydra/ copy is off: configs/config.yaml);
+# sweeps read them to repeat a run at other lrs or seeds
+OVERRIDES = "overrides.yaml"
 
 
 class Unreadable(ValueError):

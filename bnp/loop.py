@@ -26,7 +26,6 @@ from bnp import BNP
 from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
 from bnp import distributed
-from bnp.distributed import summed
 from bnp.analysis.diagnostics import Diagnostics
 from bnp.graph import GraphMode
 from bnp.log import RunLog
@@ -267,7 +266,7 @@ class Trainer:
 
     def _log_train(self, samples_per_s: float) -> str | None:
         """Write a train row; returns why the run diverged, or None while it is healthy."""
-        loss_sum, correct, seen = summed(self.loss_sum, self.correct, self.seen)  # over processes
+        loss_sum, correct, seen = distributed.summed(self.loss_sum, self.correct, self.seen)  # over processes
         loss = loss_sum.item() / max(1, self.loss_count * self.world)
         self.loss_sum.zero_()
         self.loss_count = 0
@@ -372,7 +371,7 @@ class Trainer:
         return step % self.eval_every == 0 or step == self.total_steps
 
     def summary(self) -> dict:
-        correct, seen = (t.item() for t in summed(self.correct, self.seen))
+        correct, seen = (t.item() for t in distributed.summed(self.correct, self.seen))
         return {
             "status": self.status,
             **({"reason": self.reason} if self.reason else {}),

@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bnp.log import FINISHED, Unreadable, read_json, read_metrics, read_summary
+from bnp.log import FINISHED, OVERRIDES, Unreadable, read_json, read_metrics, read_summary
 
 SETTING = ["data", "model", "norm", "batch_size", "optim", "config"]
 # config values that do not change what a run trains: they never split a setting
@@ -170,9 +170,9 @@ def load_runs(sweep_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
             summary = read_summary(run_dir) or {"status": "unfinished"}
         except Unreadable as err:
             summary = {"status": "damaged", "reason": str(err)}
-        overrides = run_dir / "overrides.yaml"
+        overrides = run_dir / OVERRIDES
         if not overrides.exists():  # runs from before the runner wrote its own copy
-            overrides = run_dir / ".hydra" / "overrides.yaml"
+            overrides = run_dir / ".hydra" / OVERRIDES
         row = {
             "run": str(run_dir), "data": cfg["data"]["name"], "model": model, "norm": _norm_label(cfg["norm"]),
             "batch_size": cfg["train"]["batch_size"], "optim": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],

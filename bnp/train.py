@@ -34,14 +34,13 @@ from bnp.precondition.covariance import FullCovariance
 from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
                         validate)
 from bnp.data import DataError, load
-from bnp.log import FINISHED, RunLog, Unreadable, read_summary, write_json
+from bnp.log import FINISHED, OVERRIDES, RunLog, Unreadable, read_summary, write_json
 from bnp.loop import CheckpointError, Interrupted, Trainer, first_line, plan
 from bnp.models import build_model
 from bnp.provenance import git_commit
 from bnp.optim import build_optimizer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-OVERRIDES = "overrides.yaml"  # the run's command-line overrides (Hydra's own .hydra/ copy is off: see configs/config.yaml)
 
 
 def slug(overrides: str) -> str:

@@ -125,11 +125,11 @@ class FullCovariance:
                 raise ValueError(f"FullCovariance: skip pattern {pattern!r} matches no layer; layers: {sorted(found)}")
         self.left: dict[str, str] = {}  # layers this rule leaves to the optimizer, and why
         self._layers: list[_Layer] = []
-        check_unclaimed(((n, m) for n, m in found.items() if not self._unsupported(n, m)), "FullCovariance")
+        why = {name: self._unsupported(name, module) for name, module in found.items()}
+        check_unclaimed(((n, m) for n, m in found.items() if not why[n]), "FullCovariance")
         for name, module in found.items():
-            why = self._unsupported(name, module)
-            if why:
-                self.left[name] = why
+            if why[name]:
+                self.left[name] = why[name]
             else:
                 self._layers.append(_Layer(name, module, self._alpha))
         if not self._layers:
