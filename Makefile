@@ -84,10 +84,10 @@ fig-cnn-gap-b128-6ep-momentum: setup ## claim 4 at a longer budget: GAP CNN, mom
 	$(X)/cnn_momentum_variants.py --name cnn-gap-b128-6ep-momentum --bracket-cap 2 $(ARGS)
 
 fig-resnet20-b128-2ep: setup ## claim 4: ResNet-20, batch 128, 2 epochs: BN, GN, BNP, BNP+clipping, clipping, trust ratio
-	$(X)/resnet_variants.py --name resnet20-b128-2ep --grids 1,2,3,4,5,8 --bracket-cap 2 $(ARGS)
+	$(X)/resnet_variants.py --name resnet20-b128-2ep --grids 1,2,3,4,5,9 --bracket-cap 2 $(ARGS)
 
 fig-resnet20-b8-2ep: setup ## claim 4: ResNet-20, batch 8, 2 epochs
-	$(X)/resnet_variants.py --name resnet20-b8-2ep --grids 6,7,9 --bracket-cap 2 $(ARGS)
+	$(X)/resnet_variants.py --name resnet20-b8-2ep --grids 6,7,8,10 --bracket-cap 2 $(ARGS)
 
 fig-resnet20-b128-6ep: setup ## claim 4's fix at 3x the budget: BN, GN, BNP+clipping, every lr over 3 seeds
 	$(X)/resnet_variants.py --name resnet20-b128-6ep --grids 1,2 --bracket-cap 2 --all-seeds 0,1,2 train.epochs=6 train.seed=0 $(ARGS)

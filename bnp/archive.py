@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from bnp.log import OVERRIDES, Unreadable, finished, read_summary
-from bnp.report import find_runs
+from bnp.runs import find_runs
 
 INVOCATIONS, BRACKET, MULTIRUN = "invocations.jsonl", "bracket.json", "multirun.yaml"
 RUN_FILES = ("config.yaml", OVERRIDES, "summary.json", "metrics.jsonl")

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from bnp.data import SOURCES
 from bnp.models import ARCHS, BUILDERS, HEADS, NORMS, SHORTCUTS
 from bnp.models.mlp import ACTIVATIONS
+from bnp.rules import RULE_ORDER  # configs/grad's rules, in the order they act
 
 # the accepted values, from the registries that implement them
 MODELS, RESNET_ARCHS, DATASETS = tuple(BUILDERS), ARCHS, tuple(SOURCES)
@@ -90,12 +91,9 @@ class NormConfig:
     scale: bool = True
     skip: list[str] = field(default_factory=list)
     fast: bool = True  # Linear gradients preconditioned inside backward (same numbers, less memory traffic)
-    # BNP variants (bnp.BNP; configs/norm/bnp_<variant>.yaml), all off in the paper's BNP
+    # variants of BNP's statistics (bnp.BNP; configs/norm/bnp_<variant>.yaml), both off in the paper's BNP
     eps_relative: bool = False  # eps x each layer's mean input variance instead of an absolute floor
     average_start: bool = False  # cumulative average of the first 1/momentum batches
-    output_scale: bool = False  # each unit's step / (running variance of its pre-activation + eps)
-    clip: Optional[float] = None  # unit-wise adaptive gradient clipping (NFNets' AGC) at clip x ||W_i||
-    trust: Optional[float] = None  # layer-wise trust ratio (LARS): each layer's gradient rescaled to trust x ||W||
     # diagonal: BNP (inverse variances) | full: the inverse running covariance of each layer's inputs
     # (bnp.precondition.covariance.FullCovariance), inverted every `refresh` steps
     covariance: str = "diagonal"
@@ -108,14 +106,9 @@ class NormConfig:
                self.momentum)
         _check("norm.eps", self.eps > 0 and math.isfinite(self.eps), "a finite number > 0", self.eps)
         _check("norm.warmup", self.warmup >= 0, "an integer >= 0", self.warmup)
-        for key in ("clip", "trust"):
-            value = getattr(self, key)
-            _check(f"norm.{key}", value is None or (value > 0 and math.isfinite(value)),
-                   "null (off) or a finite number > 0", value)
         _choice("norm.covariance", self.covariance, COVARIANCES)
         _check("norm.refresh", self.refresh >= 1, "an integer >= 1 (steps between inversions)", self.refresh)
-        variants = [k for k in ("eps_relative", "average_start", "output_scale") if getattr(self, k)]
-        variants += [k for k in ("clip", "trust") if getattr(self, k) is not None]
+        variants = [k for k in ("eps_relative", "average_start") if getattr(self, k)]
         _check("norm.kind", self.kind == "bnp" or not variants, f"'bnp' for the BNP options {variants}", self.kind)
         if self.covariance == "full":
             _check("norm.kind", self.kind == "bnp", "'bnp' with norm.covariance='full'", self.kind)
@@ -123,6 +116,50 @@ class NormConfig:
             unsupported += ["warmup"] if self.warmup else []
             _check("norm.covariance", not unsupported, f"'diagonal' with the BNP options {unsupported} (the full "
                    "rule always centers and scales, from the first step)", self.covariance)
+
+
+def _positive(field_name: str, value: float) -> None:
+    _check(field_name, value > 0 and math.isfinite(value), "a finite number > 0", value)
+
+
+@dataclass
+class OutScaleConfig:  # configs/grad/outscale.yaml: bnp.OutputScale
+    eps: float = 0.01
+    momentum: Optional[float] = None  # null = auto: min(0.1, batch size / 100)
+
+    def __post_init__(self) -> None:
+        _positive("grad.outscale.eps", self.eps)
+        _check("grad.outscale.momentum", self.momentum is None or 0 < self.momentum <= 1, "null (auto) or in (0, 1]",
+               self.momentum)
+
+
+@dataclass
+class AGCConfig:  # configs/grad/agc.yaml: bnp.Clip
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("grad.agc.clip", self.clip)
+
+
+@dataclass
+class LARSConfig:  # configs/grad/lars.yaml: bnp.Trust
+    trust: float = 0.001
+
+    def __post_init__(self) -> None:
+        _positive("grad.lars.trust", self.trust)
+
+
+@dataclass
+class GradConfig:
+    """Gradient rules after the norm's preconditioner (``grad=[agc,lars]``), applied in RULE_ORDER."""
+
+    outscale: Optional[OutScaleConfig] = None
+    agc: Optional[AGCConfig] = None
+    lars: Optional[LARSConfig] = None
+
+    def rules(self) -> list[str]:
+        """The chosen rules' names, in the order they act."""
+        return [name for name in RULE_ORDER if getattr(self, name) is not None]
 
 
 @dataclass
@@ -254,6 +291,7 @@ class LoggerConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     norm: NormConfig = field(default_factory=NormConfig)
+    grad: GradConfig = field(default_factory=GradConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -346,8 +384,8 @@ def check_cuda_graph(cfg: RunConfig, device: torch.device, world: int = 1, real_
         refuse(f"not with several processes ({world}); one process per GPU has no graph mode yet")
     if cfg.norm.kind == "bnp" and cfg.norm.covariance == "full":
         refuse("not with norm.covariance='full' (its inverses are refreshed on the host)")
-    if cfg.norm.kind == "bnp" and (cfg.norm.average_start or cfg.norm.output_scale):
-        refuse("not with norm.average_start or norm.output_scale (their momentum changes from step to step "
+    if cfg.norm.kind == "bnp" and cfg.norm.average_start or cfg.grad.outscale is not None:
+        refuse("not with norm.average_start or grad=outscale (their momentum changes from step to step "
                "on the host, which a captured graph would freeze)")
     if cfg.optim.name not in ("sgd", "adam", "adamw"):
         refuse(f"optim.name={cfg.optim.name!r} is not capturable (torch.optim's sgd, adam and adamw are)")

@@ -45,7 +45,7 @@ class GraphMode:
     def start(self) -> None:
         """Where the eager start ends: a few steps from here, and after BNP's warmup."""
         pre, step = self.trainer.pre, self.trainer.step
-        self.capture_at = step + EAGER_STEPS + (0 if pre is None else max(0, pre.warmup - pre.steps))
+        self.capture_at = step + EAGER_STEPS + (0 if pre is None else getattr(pre, "warmup_left", 0))
 
     def eager(self, update: Callable[[], None]) -> None:
         """An eager step before the capture: on a side stream, as CUDA graphs require."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from bnp import BNP
+from bnp import BNP, Chain
 from bnp.config import TrainConfig
 from bnp.data import Data, augment_batch
 from bnp import distributed
@@ -77,6 +77,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast)
     return loss.item() / len(x), correct.item() / len(x)
 
 
+def _bnp_in(pre):
+    """The BNP among the gradient rules (the diagnostics read its statistics), or None."""
+    return pre if isinstance(pre, BNP) else pre.find(BNP) if isinstance(pre, Chain) else None
+
+
 class Trainer:
     # the progress a checkpoint keeps: host-side values, and device-side sums (saved as numbers)
     PROGRESS = ("step", "train_seconds", "loss_count", "best_val_acc", "best_step", "test_at_best",
@@ -124,7 +129,7 @@ class Trainer:
         # replaces the CUDA capture (the CPU tests pass a stand-in)
         self.graph = GraphMode(self, capture) if cfg.cuda_graph else None
         # BNP's own instruments read its statistics; with another rule only the update ratios are measured
-        self.diagnostics = Diagnostics(model, pre if isinstance(pre, BNP) else None) if cfg.diagnostics else None
+        self.diagnostics = Diagnostics(model, _bnp_in(pre)) if cfg.diagnostics else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -32,7 +32,6 @@ is finished on another.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -42,8 +41,9 @@ from pathlib import Path
 
 from bnp.archive import finished_runs, read, restore, save
 from bnp.provenance import relative
-from bnp.report import (SETTING, choices, find_runs, load_runs, lr_bracket, next_lr, read_extensions, report,
-                        seeds_shared, setting_key)
+from bnp.choice import choices, lr_bracket, next_lr, read_extensions, seeds_shared, setting_key, write_extensions
+from bnp.report import report
+from bnp.runs import LEGACY_NORMS, SETTING, find_runs, load_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = "sweep.tar.gz"  # the finished runs, beside the report (bnp.archive)
@@ -66,6 +66,20 @@ def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: lis
     ]
 
 
+def current_names(overrides: list[str]) -> list[str]:
+    """An earlier run's overrides in today's names, to repeat it at another lr or seed: a norm
+    variant that is now a norm plus gradient rules (report.LEGACY_NORMS) becomes ``norm=... grad=...``."""
+    out = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "norm" and value in LEGACY_NORMS:
+            norm, *rules = LEGACY_NORMS[value].split("+")
+            out += [f"norm={norm}", f"grad=[{','.join(rules)}]"]
+        else:
+            out.append(override)
+    return out
+
+
 def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, list[str]]]:
     """(setting key, side, the multirun's overrides) for every setting whose chosen lr sits at an
     edge of the lrs tried that may still be extended."""
@@ -77,7 +91,7 @@ def plan_extensions(runs, extensions: dict, cap: int) -> list[tuple[str, str, li
             continue
         lrs = sorted(tried["lr"].unique())
         up = chosen["lr"] == lrs[-1]
-        template = shlex.split(tried["overrides"].iloc[0])
+        template = current_names(shlex.split(tried["overrides"].iloc[0]))
         if not template:  # a run without Hydra's record of its overrides cannot be repeated
             continue
         kept = [o for o in template if o.split("=", 1)[0] not in NOT_REPEATED]
@@ -103,7 +117,7 @@ def plan_confirmations(runs, seeds: list[int], every_lr: bool = False) -> list[t
         for lr in sorted(tried["lr"].unique()) if every_lr else [chosen["lr"]]:
             at_lr = tried[tried["lr"] == lr]
             missing = [seed for seed in seeds if seed not in set(at_lr["seed"])]
-            template = shlex.split(at_lr["overrides"].iloc[0])
+            template = current_names(shlex.split(at_lr["overrides"].iloc[0]))
             if not missing or not template:
                 continue
             # the lr exactly as the runs were given it (their directory names spell it so)
@@ -195,7 +209,7 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
                 entry = extensions.setdefault(key, {"low": 0, "high": 0})
                 entry[side] += 1
                 entry["cap"] = cap
-            (Path(sweep_dir) / "bracket.json").write_text(json.dumps(extensions, indent=1, sort_keys=True) + "\n")
+            write_extensions(sweep_dir, extensions)
             if failed:
                 raise subprocess.CalledProcessError(1, failed[0])
 

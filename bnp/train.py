@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bnp import BNP, distributed
+from bnp import BNP, Chain, Clip, OutputScale, Trust, distributed
 from bnp.precondition.covariance import FullCovariance
 from bnp.config import (ConfigError, NotApplicable, RunConfig, check_applicable, check_runnable, resolve_device,
                         validate)
@@ -148,6 +148,26 @@ def run(cfg: DictConfig | dict, run_dir: Path, *, in_sweep: bool = False, progre
         return _train(config, resolved, run_dir, base, progress, capture, rank, world)
 
 
+def build_rules(config: RunConfig, model) -> BNP | FullCovariance | Chain | None:
+    """The norm's preconditioner (norm=bnp: BNP, or FullCovariance with norm.covariance=full), then the
+    gradient rules of ``grad`` in RULE_ORDER; one object, a Chain when there are several, or None."""
+    n, g = config.norm, config.grad
+    rules = []
+    try:
+        if n.kind == "bnp" and n.covariance == "full":
+            rules.append(FullCovariance(model, momentum=n.momentum, eps=n.eps, refresh=n.refresh, skip=tuple(n.skip)))
+        elif n.kind == "bnp":
+            rules.append(BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center, scale=n.scale,
+                             skip=tuple(n.skip), fast=n.fast, eps_relative=n.eps_relative,
+                             average_start=n.average_start))
+    except ValueError as err:  # e.g. a skip pattern that matches no layer
+        raise ConfigError(f"norm: {err}") from None
+    build = {"outscale": lambda: OutputScale(model, eps=g.outscale.eps, momentum=g.outscale.momentum),
+             "agc": lambda: Clip(model, clip=g.agc.clip), "lars": lambda: Trust(model, trust=g.lars.trust)}
+    rules += [build[name]() for name in g.rules()]
+    return None if not rules else rules[0] if len(rules) == 1 else Chain(*rules)
+
+
 def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progress, capture, rank: int,
            world: int) -> dict:
     summary = {**base, "status": "failed", "processes": world}
@@ -162,19 +182,7 @@ def _train(config: RunConfig, resolved: dict, run_dir: Path, base: dict, progres
         data = load(config.data, device)
         check_runnable(config, device, world, train_samples=len(data.train_x), real_capture=capture is None)
         model = build_model(config.model, config.norm.kind, data.shape, data.classes).to(device)
-        pre = None
-        if config.norm.kind == "bnp":
-            n = config.norm
-            try:
-                if n.covariance == "full":
-                    pre = FullCovariance(model, momentum=n.momentum, eps=n.eps, refresh=n.refresh, skip=tuple(n.skip))
-                else:
-                    pre = BNP(model, momentum=n.momentum, eps=n.eps, warmup=n.warmup, center=n.center,
-                              scale=n.scale, skip=tuple(n.skip), fast=n.fast, eps_relative=n.eps_relative,
-                              average_start=n.average_start, output_scale=n.output_scale, clip=n.clip,
-                              trust=n.trust)
-            except ValueError as err:  # e.g. a skip pattern that matches no layer
-                raise ConfigError(f"norm: {err}") from None
+        pre = build_rules(config, model)
         steps_per_epoch, total = plan(len(data.train_x), config.train)
         optimizer, scheduler = build_optimizer(config.optim, model, total, steps_per_epoch,
                                                graph_device=device if config.train.cuda_graph else None)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnp.report import SETTING, choices, lr_bracket, setting_key
+from bnp.choice import choices, lr_bracket, setting_key
+from bnp.runs import SETTING
 
 
 def status(runs_csv: Path) -> pd.DataFrame:

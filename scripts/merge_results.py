@@ -35,7 +35,7 @@ RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT))
 
 from bnp.archive import read, save  # noqa: E402
-from bnp.report import NOT_SETTING, _defaults, _flat  # noqa: E402
+from bnp.runs import NOT_SETTING, _defaults, _flat  # noqa: E402
 
 
 def batch(n: int) -> Callable[[dict], bool]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from bnp.log import read_json, read_metrics
-from bnp.report import find_runs
+from bnp.runs import find_runs
 
 
 def table(sweep_dir: Path) -> pd.DataFrame:

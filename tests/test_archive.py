@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bnp.archive import main, restore, save
-from bnp.report import load_runs
+from bnp.runs import load_runs
 from bnp.sweep import ArchiveKeeper, wait
 from bnp.train import run
 from conftest import TINY

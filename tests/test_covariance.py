@@ -166,8 +166,8 @@ def test_the_runner_trains_with_norm_bnp_full(compose, tmp_path, model):
 def test_the_full_rule_refuses_the_diagonal_options(compose, tmp_path):
     from bnp.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"norm.covariance: must be 'diagonal' with the BNP options \['clip'\]"):
-        run(compose(*TINY, "norm=bnp_full", "norm.clip=1.0"), tmp_path)
+    with pytest.raises(ConfigError, match=r"norm.covariance: must be 'diagonal' with the BNP options \['eps_relative'\]"):
+        run(compose(*TINY, "norm=bnp_full", "norm.eps_relative=true"), tmp_path)
     with pytest.raises(ConfigError, match="norm.refresh: must be an integer >= 1"):
         run(compose(*TINY, "norm=bnp_full", "norm.refresh=0"), tmp_path / "b")
 

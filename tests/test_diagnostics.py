@@ -53,11 +53,11 @@ def test_instruments_equal_their_formulas():
 @pytest.mark.parametrize("center, scale, expected", [(True, False, {"update_ratio", "mean_drift", "var_drift"}),
                                                       (False, False, {"update_ratio"})])
 def test_statistics_instruments_only_where_the_statistics_act(center, scale, expected):
-    """Without scaling there is no sigma2 + eps to report; without centering or scaling (norm=agc) the
+    """Without scaling there is no sigma2 + eps to report; without centering or scaling the
     statistics change nothing, so only the update ratio is measured."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
-    pre = BNP(model, center=center, scale=scale, clip=1.0)
+    pre = BNP(model, center=center, scale=scale)
     diag = Diagnostics(model, pre)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):

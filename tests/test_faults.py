@@ -23,7 +23,8 @@ from bnp.precondition.covariance import FullCovariance
 from bnp.archive import save
 from bnp.config import ConfigError
 from bnp.log import read_json, read_metrics
-from bnp.report import comparison_table, load_runs, report
+from bnp.report import comparison_table, report
+from bnp.runs import load_runs
 from bnp.train import RunLocked, run, slug
 from conftest import CONFIGS, ROOT, cli, wandb_history
 
@@ -259,7 +260,7 @@ def test_overrides_that_differ_never_share_a_directory():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("norm=foo", "error: norm=foo: no such option in configs/norm/ (accepted: agc, bn, bnp,"),
+    ("norm=foo", "error: norm=foo: no such option in configs/norm/ (accepted: bn, bnp, bnp_avgstart,"),
     ("train.batch_size=abc", "error: train.batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer"),
 ])
 def test_hydra_errors_are_one_line_and_exit_2(tmp_path, override, message):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bnp.report import load_runs
+from bnp.runs import load_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 

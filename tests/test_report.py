@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 
 from bnp.config import ConfigError
-from bnp.report import comparison_table, load_runs, main, pick_learning_rates, steps_to_target
+from bnp.choice import pick_learning_rates
+from bnp.report import comparison_table, main
+from bnp.runs import load_runs, steps_to_target
 from bnp.train import run
 from conftest import TINY
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from bnp.archive import read, restore
-from bnp.report import NOT_SETTING, _flat, report
+from bnp.report import report
+from bnp.runs import NOT_SETTING, _flat
 from conftest import ROOT
 
 ARCHIVED = sorted(p.parent.name for p in (ROOT / "results").glob("*/sweep.tar.gz"))

@@ -74,8 +74,8 @@ def test_config_errors_name_the_field_and_accepted_values(compose, tmp_path):
         "optim.schedule=linear": "optim.schedule: 'linear' is not one of ['constant', 'cosine', 'step']",
         "train.batch_size=abc": "train.batch_size",
         "model.widht=3": "Key 'widht' not in 'ModelConfig'",
-        "norm.trust=0": "norm.trust: must be null (off) or a finite number > 0",
-        "norm=bn norm.trust=0.001": "norm.kind: must be 'bnp' for the BNP options ['trust']",
+        "grad=agc grad.agc.clip=0": "grad.agc.clip: must be a finite number > 0",
+        "norm=bn norm.average_start=true": "norm.kind: must be 'bnp' for the BNP options ['average_start']",
     }
     from hydra.errors import ConfigCompositionException
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from bnp.report import lr_bracket, next_lr
+from bnp.choice import lr_bracket, next_lr
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
@@ -40,7 +40,7 @@ def test_bracket_labels():
 
 
 def sweep_frame(rows):
-    """A sweep's runs as bnp.report.load_runs gives them, from (lr, seed, status, best_val_acc)."""
+    """A sweep's runs as bnp.runs.load_runs gives them, from (lr, seed, status, best_val_acc)."""
     return pd.DataFrame([{"data": "d", "model": "m", "norm": "bnp", "batch_size": 8, "optim": "sgd", "lr": lr,
                           "hparams": "", "seed": seed, "status": st, "best_val_acc": acc,
                           "overrides": f"experiment=x norm=bnp optim.lr={lr} train.seed={seed} model.width=[2,3]"}

@@ -1,4 +1,5 @@
-"""BNP's opt-in variants, each checked exactly against an independent float64 formula."""
+"""BNP's opt-in variants of its statistics, each checked exactly against an independent float64 formula
+(the gradient rules that chain after BNP: tests/test_rules.py)."""
 
 import copy
 
@@ -119,163 +120,6 @@ def test_average_start_is_a_cumulative_average_until_the_momentum_takes_over():
             pass
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_output_scale_divides_each_units_row_by_its_output_variance(fast):
-    gen = torch.Generator().manual_seed(4)
-    model, plain_model = net(), net()
-    plain = BNP(plain_model, eps=0.02, fast=fast)
-    pre = BNP(model, eps=0.02, output_scale=True, fast=fast)
-    batches = [(skewed(16, 6, gen=gen), torch.randn(16, 3, generator=gen, dtype=torch.float64)) for _ in range(3)]
-    outputs = {0: [], 2: []}
-    for x, y in batches:
-        model.eval()  # an eval-mode probe leaves every statistic alone
-        with torch.no_grad():  # each layer's pre-activations on this batch (the weights stay fixed,
-            h0 = model[0](x)    # so both models see the same inputs and statistics)
-            outputs[0].append(h0)
-            outputs[2].append(model[2](torch.tanh(h0)))
-        train_step(model, pre, x, y)
-        train_step(plain_model, plain, x, y)
-    for i in (0, 2):
-        mu = v = None
-        for t, h in enumerate(outputs[i]):
-            alpha = 1.0 if t == 0 else min(0.1, 16 / 100)
-            mu, dev = batch_stats(h, mu, alpha)
-            v = dev if v is None else (1 - alpha) * v + alpha * dev
-        factor = 1 / (v + 0.02)
-        # the last step's grads: the plain BNP grads of the same weights, row i times factor[i]
-        torch.testing.assert_close(model[i].bias.grad, plain_model[i].bias.grad * factor, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(model[i].weight.grad, plain_model[i].weight.grad * factor[:, None],
-                                   rtol=1e-9, atol=1e-12)
-
-
-def test_output_scale_state_round_trip():
-    gen = torch.Generator().manual_seed(5)
-    model = net()
-    pre = BNP(model, output_scale=True)
-    x, y = skewed(8, 6, gen=gen), torch.zeros(8, 3, dtype=torch.float64)
-    train_step(model, pre, x, y)
-    twin = net()  # a deep copy would carry a copy of the preconditioner along
-    twin.load_state_dict(model.state_dict())
-    other = BNP(twin, output_scale=True)
-    other.load_state_dict(pre.state_dict())
-    assert all(torch.equal(pre.outputs.var[k], other.outputs.var[k]) for k in pre.outputs.var)
-
-
-def test_unit_wise_clipping_limits_each_units_gradient_to_a_share_of_its_weights():
-    gen = torch.Generator().manual_seed(6)
-    model, plain_model = net(), net()
-    with torch.no_grad():
-        model[0].weight[0].zero_()  # a unit with zero weights may still move 1e-3 * clip
-        model[0].bias[0] = 0
-        plain_model.load_state_dict(model.state_dict())
-    pre, plain = BNP(model, clip=0.05), BNP(plain_model)
-    x, y = skewed(32, 6, gen=gen), 10 * torch.randn(32, 3, generator=gen, dtype=torch.float64)
-    train_step(model, pre, x, y)
-    train_step(plain_model, plain, x, y)
-    clipped = 0
-    for got, want in ((model[0], plain_model[0]), (model[2], plain_model[2])):
-        G_t, g_t, n = agc_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.05)
-        clipped += n
-        torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
-    assert clipped >= 2  # the test exercises the clipping, not only the pass-through
-    assert torch.cat([model[0].weight.grad[0], model[0].bias.grad[:1]]).norm() <= 0.05 * 1e-3 * (1 + 1e-12)
-
-
-def agc_formula(weight, bias, G, g, clip):
-    """NFNets' unit-wise clipping of the gradient rows [G_i, g_i], written out in float64."""
-    rows = lambda t: t.reshape(t.shape[0], -1)
-    grad_norm = torch.cat([rows(G), g[:, None]], 1).norm(dim=1)
-    weight_norm = torch.cat([rows(weight), bias[:, None]], 1).detach().norm(dim=1)
-    limit = clip * torch.clamp(weight_norm, min=1e-3)
-    factor = torch.where(grad_norm > limit, limit / grad_norm, torch.ones_like(grad_norm))
-    return G * factor.view(-1, *(1,) * (G.dim() - 1)), g * factor, int((factor < 1).sum())
-
-
-@pytest.mark.parametrize("make, fast", [(net, False), (net, True), (conv_net, False)])
-def test_clipping_without_preconditioning_is_agc_on_the_raw_gradients(make, fast):
-    """configs/norm/agc.yaml, the control for bnp_agc: center and scale off leave the plain gradient,
-    which is then clipped; compared with a model that had no BNP at all."""
-    gen = torch.Generator().manual_seed(7)
-    model, raw = make(), make()
-    if make is net:
-        x, y = skewed(32, 6, gen=gen), 10 * torch.randn(32, 3, generator=gen, dtype=torch.float64)
-    else:
-        x, y = skewed(4, 3, 7, 7, gen=gen), 10 * torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
-    pre = BNP(model, center=False, scale=False, clip=0.05, fast=fast)
-    for _ in range(2):  # the second step runs with statistics from the first
-        train_step(model, pre, x, y)
-        raw.zero_grad()
-        F.mse_loss(raw(x), y).backward()
-        clipped = 0
-        for got, want in zip([m for m in model if m.__class__ is not nn.Tanh], [m for m in raw if m.__class__ is not nn.Tanh]):
-            G_t, g_t, n = agc_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.05)
-            clipped += n
-            torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
-            torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
-        assert clipped >= 2  # the clipping is exercised, not only the pass-through
-        with torch.no_grad():  # the same plain SGD step on both, so the second step compares again
-            for a, b in zip(model.parameters(), raw.parameters()):
-                a.sub_(0.01 * a.grad)
-                b.copy_(a)
-
-
-def trust_formula(weight, bias, G, g, trust):
-    """LARS' layer-wise rescaling of the whole gradient [G, g], written out in float64."""
-    grad_norm = torch.cat([G.flatten(), g]).norm()
-    weight_norm = torch.cat([weight.detach().flatten(), bias.detach()]).norm()
-    factor = trust * torch.clamp(weight_norm, min=1e-3) / grad_norm
-    return G * factor, g * factor
-
-
-@pytest.mark.parametrize("make, fast", [(net, False), (net, True), (conv_net, False)])
-def test_trust_ratio_rescales_each_layers_preconditioned_gradient_to_a_share_of_its_weights(make, fast):
-    """bnp_lars: BNP's preconditioned gradient, then each layer's [G, g] rescaled to length
-    trust x ||[W, b]||; a layer with zero weights moves trust x 1e-3."""
-    gen = torch.Generator().manual_seed(8)
-    model = make()
-    with torch.no_grad():
-        model[0].weight.zero_()
-        model[0].bias.zero_()
-    plain_model = copy.deepcopy(model)
-    if make is net:
-        x, y = skewed(32, 6, gen=gen), torch.randn(32, 3, generator=gen, dtype=torch.float64)
-    else:
-        x, y = skewed(4, 3, 7, 7, gen=gen), torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
-    pre, plain = BNP(model, trust=0.02, fast=fast), BNP(plain_model, fast=fast)
-    for _ in range(2):  # the second step runs on moved weights and two batches' statistics
-        train_step(model, pre, x, y)
-        train_step(plain_model, plain, x, y)
-        for got, want in ((model[0], plain_model[0]), (model[2], plain_model[2])):
-            G_t, g_t = trust_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.02)
-            torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
-            torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
-        with torch.no_grad():
-            length = torch.cat([model[2].weight.grad.flatten(), model[2].bias.grad]).norm()
-            weights = torch.cat([model[2].weight.flatten(), model[2].bias]).norm()
-            torch.testing.assert_close(length, 0.02 * weights, rtol=1e-12, atol=0)
-            for a, b in zip(model.parameters(), plain_model.parameters()):  # the same step on both
-                a.sub_(0.1 * a.grad)
-                b.copy_(a)
-    first = torch.cat([model[0].weight.grad.flatten(), model[0].bias.grad]).norm()  # weights still < 1e-3 long
-    torch.testing.assert_close(first, torch.tensor(0.02 * 1e-3, dtype=torch.float64), rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("fast", [False, True])
-def test_trust_ratio_without_preconditioning_is_lars_on_the_raw_gradients(fast):
-    """configs/norm/lars.yaml, the control for bnp_lars, against a model that had no BNP at all."""
-    gen = torch.Generator().manual_seed(9)
-    model, raw = net(), net()
-    x, y = skewed(32, 6, gen=gen), torch.randn(32, 3, generator=gen, dtype=torch.float64)
-    pre = BNP(model, center=False, scale=False, trust=0.02, fast=fast)
-    train_step(model, pre, x, y)
-    F.mse_loss(raw(x), y).backward()
-    for got, want in ((model[0], raw[0]), (model[2], raw[2])):
-        G_t, g_t = trust_formula(want.weight, want.bias, want.weight.grad, want.bias.grad, 0.02)
-        torch.testing.assert_close(got.weight.grad, G_t, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(got.bias.grad, g_t, rtol=1e-12, atol=1e-15)
-
-
 def test_skip_first_and_last_layer_by_position():
     def model():
         return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -285,11 +129,8 @@ def test_skip_first_and_last_layer_by_position():
     assert BNP(model(), skip=["@first", "@last"]).names == ["2"]
 
 
-@pytest.mark.parametrize("kwargs, field", [({"clip": 0}, "clip"), ({"clip": True}, "clip"),
-                                           ({"trust": -1.0}, "trust"), ({"trust": float("inf")}, "trust"),
-                                           ({"eps_relative": 1}, "eps_relative"),
-                                           ({"average_start": "yes"}, "average_start"),
-                                           ({"output_scale": None}, "output_scale")])
+@pytest.mark.parametrize("kwargs, field", [({"eps_relative": 1}, "eps_relative"),
+                                           ({"average_start": "yes"}, "average_start")])
 def test_invalid_variant_options_name_the_argument(kwargs, field):
     with pytest.raises(ValueError, match=field):
         BNP(net(), **kwargs)

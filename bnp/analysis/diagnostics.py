@@ -6,7 +6,7 @@ At each log step (``train.diagnostics=true`` adds them to the train rows of metr
 - ``update_ratio``: ||W_after - W_before|| / ||W_before|| of that step's optimizer update (the
   quantity AGC and LARS bound; BatchNorm keeps it small as weights grow);
 and under BNP, from its running input statistics (the first two only when BNP scales, none of them
-when it neither centers nor scales, as in ``norm=agc``):
+when it neither centers nor scales):
 - ``max_inv_d2``: the largest 1 / (sigma2 + eps), the most a gradient entry is multiplied by;
 - ``floor_share``: the share of input features whose sigma2 is below the floor eps (where the floor,
   not the data, sets the step);

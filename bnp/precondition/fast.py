@@ -89,7 +89,7 @@ def weight_and_bias_grads(pre: BNP, layer: Layer, x: torch.Tensor, grad_out: tor
     when the layer was handed to the reference path."""
     stats = pre.running
     if layer.pending is not None:  # the statistics include this batch, as in the reference order
-        stats.fold(prepare=pre.steps >= pre.warmup)
+        stats.fold(prepare=pre.warmup_left == 0)
     delta = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
     if delta.dtype != stats.dtype:
         delta = delta.to(stats.dtype)
@@ -119,7 +119,7 @@ def _own_a_hat(pre: BNP, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, b
     a = x if x.dim() == 2 else x.reshape(-1, layer.features)
     if a.dtype != stats.dtype:
         a = a.to(stats.dtype)
-    precondition = layer.state is not GradState.REFERENCE and pre.steps >= pre.warmup and layer.batches > 0
+    precondition = layer.state is not GradState.REFERENCE and pre.warmup_left == 0 and layer.batches > 0
     center = precondition and stats.center and layer.trained_bias is not None
     if precondition:
         inv, shift = stats.derived()

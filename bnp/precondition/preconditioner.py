@@ -36,12 +36,10 @@ from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
 from bnp.precondition.layers import (UNSEEN, GradState, Layer, candidates, check_unclaimed, discover, matches, resolve_ends,
                                      skip_patterns, untracked)
-from bnp.precondition.rows import OutputStats, clip_units, trust_layer
 from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
 
 
-def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any,
-                   factors: dict[str, Any]) -> None:
+def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any) -> None:
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 < momentum <= 1):
         raise ValueError(f"BNP: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
@@ -54,10 +52,21 @@ def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], 
             raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
     if moments not in MOMENTS:
         raise ValueError(f"BNP: moments must be one of {list(MOMENTS)}, got {moments!r}")
-    for label, value in factors.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not (value > 0 and math.isfinite(value))):
-            raise ValueError(f"BNP: {label} must be None (off) or a finite number > 0, got {value!r}")
+
+
+# options that became gradient rules of their own (bnp.rules): what to write instead
+_MOVED = {"clip": "bnp.Clip(model, clip=...)", "trust": "bnp.Trust(model, trust=...)",
+          "output_scale": "bnp.OutputScale(model)"}
+
+
+def _check_moved(moved: dict[str, Any]) -> None:
+    for key in moved:
+        if key not in _MOVED:
+            raise TypeError(f"BNP: unexpected keyword argument {key!r}")
+    if moved:
+        rules = ", ".join(_MOVED[k] for k in moved)
+        raise TypeError(f"BNP: {', '.join(moved)} is a gradient rule of its own now; chain it after BNP: "
+                        f"bnp.Chain(bnp.BNP(model), {rules}), then chain.step() where pre.step() was")
 
 
 _MHA_NOTE = (" (nn.MultiheadAttention is not supported: its packed in_proj_weight has query, key and value "
@@ -136,19 +145,15 @@ class BNP:
             CUDA; two plain passes, mean then squared deviation, on CPU, where they were 5-12x
             faster: results/bench/moments-cpu.md), "one_pass" or "two_pass". The results agree to float rounding.
 
-    Variants (opt-in, each off by default; the paper's BNP is the default):
+    Variants of the statistics (opt-in, each off by default; the paper's BNP is the default):
         eps_relative: the variance floor of a layer is eps x the mean sigma2 of its input features
             (1 while they have no variance yet) instead of the absolute eps.
         average_start: the momentum of a layer's t-th batch is max(momentum, 1 / t): a cumulative
             average of the first 1 / momentum batches (BatchNorm's momentum=None), so the early
             statistics are not weighted towards the first batch. Not under CUDA-graph capture.
-        output_scale: multiply each output unit's preconditioned gradient by 1 / (v + eps), v the
-            running variance of the unit's pre-activation (BatchNorm's gamma^2 / Var(h) step scale).
-        clip: unit-wise adaptive gradient clipping (NFNets): each unit's gradient [G_i, g_i] is at
-            most clip x max(||[W_i, b_i]||, 1e-3) long, after the rules above.
-        trust: layer-wise trust ratio (LARS): each layer's whole gradient [G, g] is rescaled to
-            trust x max(||[W, b]||, 1e-3), after the rules above, so every layer moves by the same
-            fraction of its weights per plain SGD step (lr x trust).
+
+    Rescaling rules (the output-side scale, unit-wise clipping, the trust ratio) are objects of their
+    own that chain after BNP: ``bnp.Chain(BNP(model), bnp.Clip(model))`` (bnp.rules).
 
     Statistics are collected by forward pre-hooks in training mode only, in float32 whatever the
     model's dtype (float64 for float64 models, also after a later ``model.double()``). ``step()``
@@ -174,18 +179,14 @@ class BNP:
         moments: str = "auto",
         eps_relative: bool = False,
         average_start: bool = False,
-        output_scale: bool = False,
-        clip: float | None = None,
-        trust: float | None = None,
+        **moved: Any,
     ):
+        _check_moved(moved)
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
         _check_options(momentum, eps, warmup, dict(center=center, scale=scale, sync=sync, fast=fast,
-                       eps_relative=eps_relative, average_start=average_start, output_scale=output_scale),
-                       moments, dict(clip=clip, trust=trust))
-        self.eps_relative, self.average_start, self.output_scale = eps_relative, average_start, output_scale
-        self.clip = None if clip is None else float(clip)
-        self.trust = None if trust is None else float(trust)
+                       eps_relative=eps_relative, average_start=average_start), moments)
+        self.eps_relative, self.average_start = eps_relative, average_start
         self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
         self.warmup, self.center, self.scale, self.sync, self.fast = warmup, center, scale, sync, fast
@@ -201,7 +202,6 @@ class BNP:
         self.running = RunningStats(self._layers, momentum=self.momentum, eps=self.eps, center=center, scale=scale,
                                     sync=sync, moments=moments, prepare_a_hat=fast, eps_relative=eps_relative,
                                     average_start=average_start)
-        self.outputs = OutputStats(self._layers, self.running) if output_scale else None
         for layer in self._layers:
             if fast and layer.dense:
                 layer.fast = True
@@ -237,18 +237,11 @@ class BNP:
                 "call step() once per backward: forward, loss.backward(), pre.step(), optimizer.step()"
             )
         if fresh and any(layer.batches for layer in self._layers):  # else nothing to precondition with yet
+            precondition = self.warmup_left == 0  # this step counts: is it past the warmup?
             self.steps += 1
-        if self.steps > self.warmup:
             raw = [layer for layer in fresh if layer.batches and layer.preconditions_in_step]
-            if raw:
+            if precondition and raw:
                 reference.precondition(raw, self.running)
-            for layer in fresh:
-                if layer.batches and self.outputs is not None:
-                    self.outputs.scale(layer, self.eps)
-                if layer.batches and self.clip is not None:
-                    clip_units(layer, self.clip)
-                if layer.batches and self.trust is not None:
-                    trust_layer(layer, self.trust)
         for layer in fresh:
             layer.mark_grad()
         for layer in self._layers:
@@ -274,12 +267,18 @@ class BNP:
     # ------------------------------------------------------------------ CUDA graphs
     # A captured step records its kernels while its Python runs once; a replay runs the kernels only.
     # BNP's host-side counters (steps, batches per layer) must follow the replays, not the capture.
+    @property
+    def warmup_left(self) -> int:
+        """Counted steps still to leave gradients raw: the next counted step preconditions when 0
+        (the one home of the warmup rule: step(), the fast backward and CUDA-graph capture ask it)."""
+        return max(0, self.warmup - self.steps)
+
     @contextlib.contextmanager
     def recording(self):
         """Leave the host-side counters as they were: wrap the capture of a step in this."""
-        if self.average_start or self.output_scale:
-            raise RuntimeError("BNP: average_start and output_scale change the momentum from step to step on the "
-                               "host, which a captured CUDA graph would freeze; run them without graph capture")
+        if self.average_start:
+            raise RuntimeError("BNP: average_start changes the momentum from step to step on the host, which a "
+                               "captured CUDA graph would freeze; run it without graph capture")
         saved = self.steps, [layer.batches for layer in self._layers]
         try:
             yield
@@ -311,10 +310,7 @@ class BNP:
         return self.running.of(self.layer(name))
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"steps": self.steps, "layers": self.running.state_dict()}
-        if self.outputs is not None:
-            state["outputs"] = self.outputs.state_dict()
-        return state
+        return {"steps": self.steps, "layers": self.running.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         layers = state["layers"]
@@ -324,15 +320,11 @@ class BNP:
             raise KeyError(f"BNP.load_state_dict: missing layers {missing}, unexpected layers {unexpected}")
         self.running.load_state_dict(layers)
         self.steps = int(state["steps"])
-        if self.outputs is not None and "outputs" in state:
-            self.outputs.load_state_dict(state["outputs"])
 
     def remove(self) -> None:
         """Detach the forward hooks; the model is left exactly as it was (and step() then raises)."""
         self.removed = True
         self.running.fold()
-        if self.outputs is not None:
-            self.outputs.remove()
         for layer in self._layers:
             if layer.handle is not None:
                 layer.handle.remove()
@@ -345,9 +337,7 @@ class BNP:
             f"momentum={'auto' if self.momentum is None else self.momentum}, eps={self.eps}, warmup={self.warmup}, "
             f"center={self.center}, scale={self.scale}, skip={list(self.skip)}, sync={self.sync}, fast={self.fast}"
         )
-        variants = {k: v for k, v in dict(eps_relative=self.eps_relative, average_start=self.average_start,
-                                          output_scale=self.output_scale, clip=self.clip,
-                                          trust=self.trust).items() if v}
+        variants = {k: v for k, v in dict(eps_relative=self.eps_relative, average_start=self.average_start).items() if v}
         options += "".join(f", {k}={v}" for k, v in variants.items())
         layers = "".join(f"\n  {layer.describe()}" for layer in self._layers)
         left = "".join(f"\n  {entry}" for entry in _listing(self.untracked))

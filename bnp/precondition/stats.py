@@ -44,6 +44,50 @@ def _mean_square(d: torch.Tensor, dims: tuple[int, ...], in_place: bool) -> torc
     return squares[0] if squares.shape[0] == 1 and dims == (0,) else squares.mean(dims)
 
 
+def momentum_for(momentum: float | None, samples: int, batches: int = 0, average_start: bool = False) -> float:
+    """The weight of a batch of ``samples`` samples (rows of a dense input, or images) folded after
+    ``batches`` earlier ones: ``momentum``, or with None min(0.1, samples / 100). With
+    ``average_start`` it is at least 1 / (batches + 1): a cumulative average of the batches until the
+    momentum takes over (BatchNorm's momentum=None for the first 1 / momentum batches), so early
+    statistics are not biased towards the first."""
+    alpha = momentum if momentum is not None else min(0.1, samples / AUTO_WINDOW)
+    return max(alpha, 1.0 / (batches + 1)) if average_start else alpha
+
+
+def recurrence(mean: torch.Tensor, var: torch.Tensor, rows: list[tuple[torch.Tensor, tuple[int, ...]]],
+               alpha: float, first: bool, one_pass: bool, keep: bool = False) -> list[torch.Tensor] | None:
+    """The spec's recurrences, in place, for inputs ``rows`` [(x, dims to pool)] whose features,
+    in order, are those of ``mean`` and ``var`` (the one home of this rule: BNP's input statistics
+    and OutputScale's output statistics; bnp.precondition.sync pools the same rule over ranks):
+
+        mu <- mu + alpha (m_B - mu);  sigma2 <- sigma2 + alpha (mean_B((a - mu)^2) - sigma2)
+
+    with the updated mu (the first batch sets mu = m_B, alpha = 1). Returns the deviations
+    a - mu of every row if ``keep``. Two plain passes (mean, then the deviations), or one pass
+    per input (torch.var_mean, Welford) with mean_B((a - mu)^2) = var_B + (m_B - mu)^2.
+    """
+    if one_pass:
+        moments = [torch.var_mean(x, dims, correction=0) for x, dims in rows]
+        batch_mean = _joined([m for _, m in moments])
+    else:  # a single dense row is its own mean
+        batch_mean = _joined([x[0] if x.shape[0] == 1 and dims == (0,) else x.mean(dims) for x, dims in rows])
+    mean.lerp_(batch_mean, 1.0 if first else alpha)  # weight 1 gives m_B exactly
+    deviations = None
+    if keep or not one_pass:
+        means = (mean,) if len(rows) == 1 else mean.split([x.shape[1] for x, _ in rows])
+        centered = (x - mu.view(-1, *(1,) * (x.dim() - 2)) for (x, _), mu in zip(rows, means))
+        if keep:
+            deviations = list(centered)
+    if one_pass:
+        diff = batch_mean - mean
+        squared = _joined([v for v, _ in moments]).addcmul_(diff, diff)
+    else:  # a generator unless kept: one temporary at a time (conv activations are large)
+        squared = _joined([_mean_square(d, dims, in_place=not keep)
+                           for d, (_, dims) in zip(deviations or centered, rows)])
+    var.lerp_(squared, 1.0 if first else alpha)
+    return deviations if keep else None
+
+
 class RunningStats:
     """mean and var of every tracked layer's input features, and each layer's pending input."""
 
@@ -150,12 +194,8 @@ class RunningStats:
         return self.sync and sync.is_distributed()
 
     def alpha(self, samples: int, batches: int = 0) -> float:
-        """The momentum for a batch of ``samples`` samples (rows of a dense input, or images) folded
-        after ``batches`` earlier ones. With ``average_start`` it is at least 1 / (batches + 1): a
-        cumulative average of the batches until the momentum takes over (BatchNorm's momentum=None
-        for the first 1 / momentum batches), so early statistics are not biased towards the first."""
-        alpha = self.momentum if self.momentum is not None else min(0.1, samples / AUTO_WINDOW)
-        return max(alpha, 1.0 / (batches + 1)) if self.average_start else alpha
+        """The momentum for a batch of ``samples`` samples folded after ``batches`` earlier ones."""
+        return momentum_for(self.momentum, samples, batches, self.average_start)
 
     def rows(self, layer: Layer) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The pending input in the statistics' dtype and the dims to pool: (rows, features) for
@@ -216,36 +256,7 @@ class RunningStats:
 
     def _recurrences(self, mean: torch.Tensor, var: torch.Tensor, rows: list[tuple[torch.Tensor, tuple[int, ...]]],
                      alpha: float, first: bool, keep: bool = False) -> list[torch.Tensor] | None:
-        """The spec's recurrences, in place, for inputs ``rows`` [(x, dims to pool)] whose features,
-        in order, are those of ``mean`` and ``var``:
-
-            mu <- mu + alpha (m_B - mu);  sigma2 <- sigma2 + alpha (mean_B((a - mu)^2) - sigma2)
-
-        with the updated mu (the first batch sets mu = m_B, alpha = 1). Returns the deviations
-        a - mu of every row if ``keep``. Two plain passes (mean, then the deviations), or one pass
-        per input (torch.var_mean, Welford) with mean_B((a - mu)^2) = var_B + (m_B - mu)^2.
-        """
-        one_pass = self._moments_in_one_pass(rows[0][0])
-        if one_pass:
-            moments = [torch.var_mean(x, dims, correction=0) for x, dims in rows]
-            batch_mean = _joined([m for _, m in moments])
-        else:  # a single dense row is its own mean
-            batch_mean = _joined([x[0] if x.shape[0] == 1 and dims == (0,) else x.mean(dims) for x, dims in rows])
-        mean.lerp_(batch_mean, 1.0 if first else alpha)  # weight 1 gives m_B exactly
-        deviations = None
-        if keep or not one_pass:
-            means = (mean,) if len(rows) == 1 else mean.split([x.shape[1] for x, _ in rows])
-            centered = (x - mu.view(-1, *(1,) * (x.dim() - 2)) for (x, _), mu in zip(rows, means))
-            if keep:
-                deviations = list(centered)
-        if one_pass:
-            diff = batch_mean - mean
-            squared = _joined([v for v, _ in moments]).addcmul_(diff, diff)
-        else:  # a generator unless kept: one temporary at a time (conv activations are large)
-            squared = _joined([_mean_square(d, dims, in_place=not keep)
-                               for d, (_, dims) in zip(deviations or centered, rows)])
-        var.lerp_(squared, 1.0 if first else alpha)
-        return deviations if keep else None
+        return recurrence(mean, var, rows, alpha, first, self._moments_in_one_pass(rows[0][0]), keep)
 
     # ------------------------------------------------------------------ CUDA graph replays
     def count_replays(self, steps: int) -> None:
