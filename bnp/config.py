@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bnp import options
 from bnp.data import SOURCES
 from bnp.models import ARCHS, BUILDERS, HEADS, NORMS, SHORTCUTS
 from bnp.models.mlp import ACTIVATIONS
@@ -90,7 +91,7 @@ class NormConfig:
     center: bool = True
     scale: bool = True
     skip: list[str] = field(default_factory=list)
-    fast: bool = True  # Linear gradients preconditioned inside backward (same numbers, less memory traffic)
+    fast: bool = False  # bnp.BNP's default: true computes Linear gradients inside backward (same numbers, less memory traffic)
     # variants of BNP's statistics (bnp.BNP; configs/norm/bnp_<variant>.yaml), both off in the paper's BNP
     eps_relative: bool = False  # eps x each layer's mean input variance instead of an absolute floor
     average_start: bool = False  # cumulative average of the first 1/momentum batches
@@ -102,10 +103,11 @@ class NormConfig:
 
     def __post_init__(self) -> None:
         _choice("norm.kind", self.kind, NORMS)
-        _check("norm.momentum", self.momentum is None or 0 < self.momentum <= 1, "null (auto) or in (0, 1]",
-               self.momentum)
-        _check("norm.eps", self.eps > 0 and math.isfinite(self.eps), "a finite number > 0", self.eps)
-        _check("norm.warmup", self.warmup >= 0, "an integer >= 0", self.warmup)
+        for name, accepted, value in options.problems(  # BNP's own rules (bnp/options.py), named as config keys
+                momentum=self.momentum, eps=self.eps, warmup=self.warmup,
+                **{k: getattr(self, k) for k in ("center", "scale", "fast", "eps_relative", "average_start")}):
+            _check(f"norm.{name}", False, accepted.replace("None", "null").replace("True or False", "true or false"),
+                   value)
         _choice("norm.covariance", self.covariance, COVARIANCES)
         _check("norm.refresh", self.refresh >= 1, "an integer >= 1 (steps between inversions)", self.refresh)
         variants = [k for k in ("eps_relative", "average_start") if getattr(self, k)]

@@ -269,3 +269,46 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     cropped = padded.gather(2, rows).gather(3, cols)
     flip = torch.rand(n, 1, 1, 1, generator=generator, device=x.device) < 0.5
     return torch.where(flip, cropped.flip(3), cropped)
+
+
+class EpochBatches:
+    """The training set in a seeded shuffle per epoch (train.seed and the epoch alone), cut into this
+    process's part of each global batch, augmented where the data asks for it. Each epoch is shuffled
+    in place into the same buffers: a captured CUDA-graph step reads them at fixed addresses."""
+
+    def __init__(self, data: Data, seed: int, steps_per_epoch: int, batch_size: int, rank: int, world: int,
+                 device: torch.device):
+        self.data, self.seed, self.steps_per_epoch, self.device = data, seed, steps_per_epoch, device
+        self.batch_size, self.local_batch, self.rank = batch_size, batch_size // world, rank
+        self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self._cache = (-1, None, None)
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current epoch's shuffled buffers (refilled in place each epoch)."""
+        return self._cache[1], self._cache[2]
+
+    def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.data.train_x), generator=gen).to(self.device)
+            _, x, y = self._cache
+            if x is None:
+                x, y = torch.empty_like(self.data.train_x), torch.empty_like(self.data.train_y)
+            torch.index_select(self.data.train_x, 0, order, out=x)
+            torch.index_select(self.data.train_y, 0, order, out=y)
+            self._cache = (epoch, x, y)
+        return self._cache[1], self._cache[2]
+
+    def start(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The epoch buffers of ``step`` and where this process's batch starts in them."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        x_all, y_all = self._epoch(epoch)
+        return x_all, y_all, position * self.batch_size + self.rank * self.local_batch
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's batch of ``step``."""
+        x_all, y_all, start = self.start(step)
+        x, y = x_all[start : start + self.local_batch], y_all[start : start + self.local_batch]
+        if self.data.augment:
+            x = augment_batch(x, self.aug_gen)
+        return x, y

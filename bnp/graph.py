@@ -76,12 +76,12 @@ class GraphMode:
     def _captured_step(self) -> None:
         """The step that is captured: its batch comes from the device-side position."""
         t = self.trainer
-        x_all, y_all = t.epoch_buffers()
+        x_all, y_all = t.batches.buffers()
         index = self.position + self.offsets
         self.position.add_(t.batch_size)
         t.update(x_all.index_select(0, index), y_all.index_select(0, index), set_to_none=False)
 
     def _seat(self, step: int) -> None:
         """Point the captured step at ``step``'s batch (refilling the epoch buffers if it starts one)."""
-        _, _, start = self.trainer.batch_start(step)
+        _, _, start = self.trainer.batches.start(step)
         self.position.fill_(start)

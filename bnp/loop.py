@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from bnp import BNP, Chain
 from bnp.config import TrainConfig
-from bnp.data import Data, augment_batch
+from bnp.data import Data, EpochBatches
 from bnp import distributed
 from bnp.analysis.diagnostics import Diagnostics
 from bnp.graph import GraphMode
@@ -111,7 +111,7 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=not cfg.cuda_graph)
                          ) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.batches = EpochBatches(data, cfg.seed, self.steps_per_epoch, self.batch_size, rank, world, device)
         # progress (all of it goes into the checkpoint)
         self.step = 0
         self.train_seconds = 0.0
@@ -124,7 +124,6 @@ class Trainer:
         self.initial_loss = None  # the untrained model's validation loss: the divergence rule's scale
         self.status, self.reason = "running", None  # reason: why a run diverged
         self.stop_signal = None
-        self._epoch_cache = (-1, None, None)
         # train.cuda_graph (what it cannot do is refused by bnp.config.check_cuda_graph); ``capture``
         # replaces the CUDA capture (the CPU tests pass a stand-in)
         self.graph = GraphMode(self, capture) if cfg.cuda_graph else None
@@ -137,7 +136,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "pre": self.pre.state_dict() if self.pre else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "aug_gen": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "aug_gen": self.batches.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "progress": {**{name: getattr(self, name) for name in self.PROGRESS},
                          **{name: getattr(self, name).item() for name in self.SUMS}},
             "metrics_offset": self.log.offset(),
@@ -200,38 +199,6 @@ class Trainer:
             f"truncated, corrupt or from another configuration. Delete it to start this run over (rm "
             f"{self.checkpoint}), or redo the run with train.rerun=true")
 
-    # ------------------------------------------------------------------ data
-    def epoch_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current epoch's shuffled buffers (refilled in place each epoch)."""
-        return self._epoch_cache[1], self._epoch_cache[2]
-
-    def _epoch_data(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training set shuffled for ``epoch`` (seeded by train.seed and the epoch alone)."""
-        if self._epoch_cache[0] != epoch:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.data.train_x), generator=gen).to(self.device)
-            _, x, y = self._epoch_cache
-            if x is None:
-                x, y = torch.empty_like(self.data.train_x), torch.empty_like(self.data.train_y)
-            # in place: a captured step reads these buffers at fixed addresses
-            torch.index_select(self.data.train_x, 0, order, out=x)
-            torch.index_select(self.data.train_y, 0, order, out=y)
-            self._epoch_cache = (epoch, x, y)
-        return self._epoch_cache[1], self._epoch_cache[2]
-
-    def batch_start(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The epoch buffers of ``step`` and where its batch starts in them."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        x_all, y_all = self._epoch_data(epoch)
-        return x_all, y_all, position * self.batch_size + self.rank * self.local_batch
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x_all, y_all, start = self.batch_start(step)
-        x, y = x_all[start : start + self.local_batch], y_all[start : start + self.local_batch]
-        if self.data.augment:
-            x = augment_batch(x, self.aug_gen)
-        return x, y
-
     # ------------------------------------------------------------------ training
     def train_step(self) -> None:
         """One training step: eager, or a replay of the captured step in graph mode."""
@@ -240,9 +207,9 @@ class Trainer:
         if self.graph is not None and self.graph.replay is not None:
             self.graph.step()
         elif self.graph is not None:
-            self.graph.eager(lambda: self.update(*self.batch(self.step)))
+            self.graph.eager(lambda: self.update(*self.batches(self.step)))
         else:
-            self.update(*self.batch(self.step))
+            self.update(*self.batches(self.step))
         self.loss_count += 1
         self.scheduler.step()
 

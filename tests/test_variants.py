@@ -134,3 +134,15 @@ def test_skip_first_and_last_layer_by_position():
 def test_invalid_variant_options_name_the_argument(kwargs, field):
     with pytest.raises(ValueError, match=field):
         BNP(net(), **kwargs)
+
+
+@pytest.mark.parametrize("key, value", [("momentum", 1.5), ("eps", 0.0), ("eps", float("inf")), ("warmup", -1)])
+def test_the_library_and_the_config_accept_the_same_options(compose, tmp_path, key, value):
+    """One record of what each option accepts (bnp/options.py): bnp.BNP and norm.<key> refuse alike."""
+    from bnp.config import ConfigError
+    from bnp.train import run
+
+    with pytest.raises(ValueError, match=f"BNP: {key} must be"):
+        BNP(net(), **{key: value})
+    with pytest.raises(ConfigError, match=f"norm.{key}: must be"):
+        run(compose("logger=none", "norm=bnp", f"norm.{key}={value}"), tmp_path)

@@ -24,7 +24,6 @@ inside a Linear's backward).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -32,26 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnp import options
 from bnp.precondition import reference
 from bnp.precondition.fast import FastForward
 from bnp.precondition.layers import (UNSEEN, GradState, Layer, candidates, check_unclaimed, discover, matches, resolve_ends,
                                      skip_patterns, untracked)
-from bnp.precondition.stats import MOMENTS, LayerStats, RunningStats
-
-
-def _check_options(momentum: Any, eps: Any, warmup: Any, flags: dict[str, Any], moments: Any) -> None:
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0 < momentum <= 1):
-        raise ValueError(f"BNP: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"BNP: eps must be a finite number > 0, got {eps!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"BNP: warmup must be an integer >= 0 (steps), got {warmup!r}")
-    for label, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"BNP: {label} must be True or False, got {value!r}")
-    if moments not in MOMENTS:
-        raise ValueError(f"BNP: moments must be one of {list(MOMENTS)}, got {moments!r}")
+from bnp.precondition.stats import LayerStats, RunningStats
 
 
 # options that became gradient rules of their own (bnp.rules): what to write instead
@@ -184,8 +169,8 @@ class BNP:
         _check_moved(moved)
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNP: model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_options(momentum, eps, warmup, dict(center=center, scale=scale, sync=sync, fast=fast,
-                       eps_relative=eps_relative, average_start=average_start), moments)
+        options.check("BNP: ", momentum=momentum, eps=eps, warmup=warmup, moments=moments, center=center,
+                      scale=scale, sync=sync, fast=fast, eps_relative=eps_relative, average_start=average_start)
         self.eps_relative, self.average_start = eps_relative, average_start
         self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)

@@ -19,7 +19,6 @@ from bnp.precondition import sync
 from bnp.precondition.layers import Layer
 
 AUTO_WINDOW = 100  # momentum=None: min(0.1, batch / AUTO_WINDOW), >= ~100 samples in the statistics
-MOMENTS = ("auto", "one_pass", "two_pass")
 
 
 class LayerStats(NamedTuple):
