@@ -1,4 +1,4 @@
-# bnp: run `make help` for the list of targets. fig-* targets pass ARGS to their experiment file,
+# bnp: run `make help` for the list of targets. fig-<setting> targets pass ARGS to the experiment,
 # e.g. make fig-cnn-fc-b1-1ep ARGS=--restore (finish a committed sweep, bnp/archive.py).
 SHELL := /bin/bash
 VENV ?= .venv
@@ -43,63 +43,63 @@ report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/N
 	@test -n "$(SWEEP)" || (echo "usage: make report SWEEP=outputs/sweeps/NAME [OUT=dir]" && exit 2)
 	$(PY) -m bnp.report $(SWEEP) $(if $(OUT),--out $(OUT),)
 
-# One target per setting directory in results/ (results/README.md groups them by claim). Each
-# finishes its sweep from the committed archive with ARGS=--restore.
-X := $(PY) experiments
+# One target per setting directory in results/ (results/README.md groups them by claim): each runs
+# `python -m bnp.setting <setting>`, which finds the experiment file that declares the setting (its
+# SETTINGS) and runs it with that setting's arguments. ARGS=--restore finishes a committed sweep.
+SETTING_RUN := $(PY) -m bnp.setting
 fig-digits-mlp-defaults: setup ## the defaults learn: every norm x batch 1/16/128 at default lrs, digits
-	$(X)/defaults.py --name digits-mlp-defaults $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-mlp-b1-128-2ep: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128, 2 epochs
-	$(X)/mlp_batch_size.py --name mlp-b1-128-2ep $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-mlp-b1-1ep: setup ## claim 3: online learning (batch 1), MLP
-	$(X)/online.py --name mlp-b1-1ep --grids 1 $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-gap-b1-1ep: setup ## claim 3: online learning (batch 1), GAP-head CNN
-	$(X)/online.py --name cnn-gap-b1-1ep --grids 2 model.head=gap $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-fc-b1-1ep: setup ## claims 3-4: online learning (batch 1), fc-head CNN
-	$(X)/online.py --name cnn-fc-b1-1ep --grids 2 model.head=fc $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-gap-b128-2ep: setup ## claim 4: GAP-head CNN, batch 128, 2 epochs, plain SGD
-	$(X)/cnn.py --name cnn-gap-b128-2ep --grids 1 model.head=gap $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-gap-b8-1ep: setup ## claim 4: GAP-head CNN, batch 8, 1 epoch
-	$(X)/cnn.py --name cnn-gap-b8-1ep --grids 2 model.head=gap $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-fc-b128-2ep: setup ## claim 4: fc-head CNN, batch 128, 2 epochs
-	$(X)/cnn.py --name cnn-fc-b128-2ep --grids 1 model.head=fc $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-fc-b8-1ep: setup ## claim 4: fc-head CNN, batch 8, 1 epoch
-	$(X)/cnn.py --name cnn-fc-b8-1ep --grids 2 model.head=fc $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-classic-b128-1ep: setup ## claim 4: classic 32-64-128 CNN with an fc head, batch 128, 1 epoch
-	$(X)/cnn_classic.py --name cnn-classic-b128-1ep $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-gap-b32-2ep: setup ## claim 4, why BNP lags on the GAP CNN: BNP's variants vs BN, batch 32, instruments on
-	$(X)/bnp_variants.py --name cnn-gap-b32-2ep $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-cnn-gap-b128-6ep-momentum: setup ## claim 4 at a longer budget: GAP CNN, momentum + cosine, 6 epochs, with clipping and trust-ratio variants
-	$(X)/cnn_momentum.py --name cnn-gap-b128-6ep-momentum $(ARGS)
-	$(X)/cnn_momentum_variants.py --name cnn-gap-b128-6ep-momentum --bracket-cap 2 $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-resnet20-b128-2ep: setup ## claim 4: ResNet-20, batch 128, 2 epochs: BN, GN, BNP, BNP+clipping, clipping, trust ratio
-	$(X)/resnet_variants.py --name resnet20-b128-2ep --grids 1,2,3,4,5,9 --bracket-cap 2 $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-resnet20-b8-2ep: setup ## claim 4: ResNet-20, batch 8, 2 epochs
-	$(X)/resnet_variants.py --name resnet20-b8-2ep --grids 6,7,8,10 --bracket-cap 2 $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-resnet20-b128-6ep: setup ## claim 4's fix at 3x the budget: BN, GN, BNP+clipping, every lr over 3 seeds
-	$(X)/resnet_variants.py --name resnet20-b128-6ep --grids 1,2 --bracket-cap 2 --all-seeds 0,1,2 train.epochs=6 train.seed=0 $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-resnet20proj-b128-2ep: setup ## claim 4's fix on projection-shortcut ResNet-20: BN, GN, BNP, BNP+clipping
-	$(X)/resnet_variants.py --name resnet20proj-b128-2ep --grids 1,2,5 --bracket-cap 2 --all-seeds 0,1,2 model.shortcut=projection train.seed=0 $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-resnet: setup ## ResNet-20 on Fashion-MNIST at the GPU-sized budget -> results/resnet
-	$(X)/resnet.py $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 fig-preconditioners: setup ## beyond the paper: BNP among the preconditioners (SGD/Adam +- BNP, full covariance, Shampoo, SOAP, Muon, Kron), MLP batch 1/8/128 + CNN -> results/preconditioners
-	$(PY) experiments/preconditioners.py $(ARGS)
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
 bench-optimizers: setup ## step time of each preconditioners method vs plain SGD -> results/bench/optimizers-<device>.md
 	$(PY) benchmarks/bench_optimizers.py --out results/bench

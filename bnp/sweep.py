@@ -233,13 +233,36 @@ def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | 
     return len(plans)
 
 
+# the smoke profile every experiment shares: offline data, a handful of steps, no W&B
+SMOKE = ["data=digits", "train.steps=6", "train.eval_every=3", "train.log_every=3", "logger=none"]
+
+
+def _merged(base: list[str], extra: list[str]) -> list[str]:
+    """``base`` overrides with those of ``extra`` replacing the ones of the same key, then the rest."""
+    keys = {o.split("=", 1)[0] for o in extra}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
+
+
 def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] = (), smoke_grids=None,
                    smoke_fixed: list[str] = (), target: float = 0.9, argv: list[str] | None = None,
-                   experiment: str | None = None) -> Path:
+                   experiment: str | None = None, settings: dict[str, list[str]] | None = None) -> Path:
     """``name``: the experiment file's name, which names its sweep and results; ``experiment``: the
     configs/experiment/ config its runs use, if not the one of the same name (a variant of another
-    experiment's setting)."""
+    experiment's setting); ``smoke_fixed``: what the experiment changes of the shared SMOKE profile
+    (e.g. a smaller model); ``settings``: {results setting: its arguments}, run by ``--setting NAME``
+    (or ``python -m bnp.setting NAME``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = settings or {}
+    if "--setting" in argv:  # a declared setting: its arguments, then --name, then what was given
+        i = argv.index("--setting")
+        if i + 1 >= len(argv) or argv[i + 1] not in settings:
+            given = argv[i + 1] if i + 1 < len(argv) else "(nothing)"
+            sys.exit(f"error: --setting {given}: experiment {name} declares {sorted(settings) or 'no settings'}")
+        setting = argv[i + 1]
+        argv = [*settings[setting], "--name", setting, *argv[:i], *argv[i + 2:]]
     parser = argparse.ArgumentParser(description=f"experiment {name}: sweep + report")
+    parser.add_argument("--setting", metavar="NAME", help=f"a results setting this experiment declares: "
+                        f"{', '.join(sorted(settings)) or 'none'} (its arguments, and --name NAME)")
     parser.add_argument("--smoke", action="store_true", help="tiny offline variant (about a minute on CPU)")
     parser.add_argument("--launcher", default=None, help="basic | local (default: local, smoke: basic)")
     parser.add_argument("--out-root", default="outputs", help="sweeps go to OUT_ROOT/sweeps/NAME")
@@ -265,8 +288,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
     sweep_name = (args.name or name + (f"_{args.suffix}" if args.suffix else "")) + ("_smoke" if args.smoke else "")
     launcher = args.launcher or ("basic" if args.smoke else "local")
     if args.smoke:
-        grids, fixed = smoke_grids, [*fixed, *smoke_fixed]
-    if args.grids:
+        grids, fixed = smoke_grids, _merged(_merged(list(fixed), SMOKE), list(smoke_fixed))
+    if args.grids and not args.smoke:  # a smoke variant runs its own (few) grids, whatever the setting picks
         picked = [int(i) for i in args.grids.split(",")]
         if not all(1 <= i <= len(grids) for i in picked):
             parser.error(f"--grids {args.grids}: this experiment has grids 1..{len(grids)}")

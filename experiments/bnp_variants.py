@@ -31,8 +31,10 @@ GRIDS = [  # two lrs each where experiments/cnn.py found the optimum; bracketing
 ]
 SMOKE_GRIDS = [{"norm": f"none,bn,{VARIANTS}", "optim.lr": "0.01", "train.seed": "0"},
                {"norm": "bnp,none", "grad": "outscale,agc", "optim.lr": "0.01", "train.seed": "0"}]
-SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
-               "model.channels=[4,8]", "train.batch_size=8"]
+SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8]", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "cnn-gap-b32-2ep": [],
+}
 
 if __name__ == "__main__":
-    run_experiment("bnp_variants", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("bnp_variants", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

@@ -22,8 +22,10 @@ GRIDS = [
 SMOKE_GRIDS = [{"norm": "none,bn,bnp", "optim.lr": "0.03", "train.seed": "0"},
                {"norm": "bnp", "norm.momentum": "0.01", "norm.variant": "bnp_m0.01", "optim.lr": "0.03",
                 "train.seed": "0"}]
-SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
-               "model.channels=[4,8,8]", "train.batch_size=8"]
+SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8,8]", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "cnn-classic-b128-1ep": [],
+}
 
 if __name__ == "__main__":
-    run_experiment("cnn_classic", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("cnn_classic", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

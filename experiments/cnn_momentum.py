@@ -16,8 +16,10 @@ GRIDS = [
     {"norm": "bnp", "train.batch_size": "128", "optim.lr": "0.001,0.003,0.01,0.03", "train.seed": SEEDS},
 ]
 SMOKE_GRIDS = [{"norm": NORMS, "train.batch_size": "8", "optim.lr": "0.01", "train.seed": "0"}]
-SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
-               "model.channels=[4,8]"]
+SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8]"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "cnn-gap-b128-6ep-momentum": [],
+}
 
 if __name__ == "__main__":
-    run_experiment("cnn_momentum", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("cnn_momentum", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

@@ -30,8 +30,10 @@ GRIDS = [  # two lrs each around the optimum experiments/cnn_momentum.py found; 
 ]
 SMOKE_GRIDS = [{"norm": "bn,bnp", "optim.lr": "0.01", "train.seed": "0"},
                {"norm": "bnp,none", "grad": "agc,lars", "optim.lr": "0.01", "train.seed": "0"}]
-SMOKE_FIXED = ["data=digits", "train.steps=20", "train.eval_every=10", "train.log_every=10", "logger=none",
-               "model.channels=[4,8]", "train.batch_size=8"]
+SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8]", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "cnn-gap-b128-6ep-momentum": ["--bracket-cap", "2"],
+}
 
 if __name__ == "__main__":
-    run_experiment("cnn_momentum_variants", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("cnn_momentum_variants", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

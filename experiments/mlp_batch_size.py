@@ -20,8 +20,10 @@ GRIDS = [
     {"norm": NORMS, "train.batch_size": "128", "optim.lr": "0.01,0.03,0.1,0.3", "train.seed": SEEDS},
 ]
 SMOKE_GRIDS = [{"norm": NORMS, "train.batch_size": "1,32", "optim.lr": "0.003,0.01", "train.seed": "0"}]
-SMOKE_FIXED = ["data=digits", "train.steps=40", "train.eval_every=20", "train.log_every=10", "logger=none",
-               "model.width=32"]
+SMOKE_FIXED = ["train.steps=40", "train.eval_every=20", "train.log_every=10", "model.width=32"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "mlp-b1-128-2ep": [],
+}
 
 if __name__ == "__main__":
-    run_experiment("mlp_batch_size", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("mlp_batch_size", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

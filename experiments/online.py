@@ -17,8 +17,12 @@ GRIDS = [
     {"model": "cnn", "norm": "none,bn,bnp,ln", "optim.lr": "0.001,0.003,0.01,0.03", "train.seed": SEEDS},
 ]
 SMOKE_GRIDS = [{"model": "mlp,cnn", "norm": "none,bnp,ln", "optim.lr": "0.01", "train.seed": "0"}]
-SMOKE_FIXED = ["data=digits", "train.steps=40", "train.eval_every=20", "train.log_every=10", "logger=none",
-               "model.width=32", "model.channels=[4,8]"]
+SMOKE_FIXED = ["train.steps=40", "train.eval_every=20", "train.log_every=10", "model.width=32", "model.channels=[4,8]"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "mlp-b1-1ep": ["--grids", "1"],
+    "cnn-gap-b1-1ep": ["--grids", "2", "model.head=gap"],
+    "cnn-fc-b1-1ep": ["--grids", "2", "model.head=fc"],
+}
 
 if __name__ == "__main__":
-    run_experiment("online", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("online", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

@@ -56,8 +56,10 @@ def grid(method: str, batch_size: int, **fixed: str) -> dict[str, str]:
 GRIDS = [grid(m, b) for b in (128, 8, 1) for m in METHODS] + [grid(m, 128, model="cnn") for m in METHODS]
 SMOKE_GRIDS = [{"norm": norm, "optim": optim, "optim.lr": "0.003", "train.seed": "0"}
                for norm, optim, _ in METHODS.values()]
-SMOKE_FIXED = ["data=digits", "train.steps=6", "train.eval_every=3", "train.log_every=3", "logger=none",
-               "model.width=16", "train.batch_size=8"]
+SMOKE_FIXED = ["model.width=16", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "preconditioners": ["--bracket-cap", "2"],
+}
 
 if __name__ == "__main__":
-    run_experiment("preconditioners", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("preconditioners", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

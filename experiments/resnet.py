@@ -13,8 +13,10 @@ from bnp.sweep import run_experiment
 NORMS, SEEDS = "none,bn,bnp,ln,gn", "0,1,2"
 GRIDS = [{"norm": NORMS, "optim.lr": "0.03,0.1,0.3", "train.seed": SEEDS}]
 SMOKE_GRIDS = [{"norm": NORMS, "optim.lr": "0.003", "train.seed": "0"}]  # BNP on the ResNet diverges from 0.03 up
-SMOKE_FIXED = ["data=digits", "train.steps=6", "train.eval_every=3", "train.log_every=3", "train.batch_size=16",
-               "logger=none"]
+SMOKE_FIXED = ["train.batch_size=16"]  # on top of bnp.sweep.SMOKE
+SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
+    "resnet": [],
+}
 
 if __name__ == "__main__":
-    run_experiment("resnet", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, target=0.85)
+    run_experiment("resnet", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)

@@ -1,5 +1,6 @@
 """Every experiment's smoke variant runs end to end (sweep through the CLI, then its report)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,28 @@ def test_every_grid_point_is_a_valid_config(name, compose):
                   if k not in ("train.seed", "optim.lr") for value in v.split(",")}
         for point in sorted(points):
             validate(compose(f"experiment={getattr(module, 'EXPERIMENT', name)}", *fixed, *(f"{k}={v}" for k, v in point)))
+
+
+def test_every_results_setting_is_declared_by_an_experiment_and_has_a_make_target():
+    """An experiment file's SETTINGS name each results directory its sweeps fill; the Makefile's
+    fig-<setting> targets run exactly those (python -m bnp.setting), with no arguments of their own."""
+    from bnp.setting import declared
+
+    settings = declared()
+    archived = {p.parent.name for p in (ROOT / "results").glob("*/sweep.tar.gz")}
+    assert archived <= set(settings), archived - set(settings)
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^fig-([a-z0-9-]+): setup ##", makefile, re.M)) - {"hessian"}
+    assert targets == set(settings)
+    assert "\t$(SETTING_RUN) $(@:fig-%=%) $(ARGS)" in makefile and "experiments/" not in makefile.split("fig-")[1]
+
+
+def test_a_setting_runs_with_its_declared_arguments(tmp_path):
+    """--setting NAME expands to the setting's arguments and --name NAME (here: its smoke variant)."""
+    proc = subprocess.run([sys.executable, "-m", "bnp.setting", "cnn-fc-b8-1ep", "--smoke", "--out-root", str(tmp_path),
+                           "--results", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "sweeps" / "cnn-fc-b8-1ep_smoke").is_dir()
+    overrides = " ".join(p.name for p in (tmp_path / "sweeps" / "cnn-fc-b8-1ep_smoke").iterdir())
+    assert "model.head=fc" in overrides
