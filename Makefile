@@ -34,10 +34,8 @@ bench: setup ## step time of each norm vs plain SGD (MLP, CNN, ResNet-20; batch 
 	$(PY) benchmarks/bench_overhead.py --out results/bench
 	$(PY) benchmarks/bench_overhead.py --batch-size 128 --rounds 30 --out results/bench
 
-run: setup ## quickstart: MLP on digits, norm x batch size x lr sweep -> results/quickstart/
-	$(PY) -m bnp.train -m experiment=quickstart launcher=local
-	$(PY) -m bnp.sweep outputs/sweeps/quickstart
-	$(PY) -m bnp.report outputs/sweeps/quickstart --out results/quickstart
+run: setup ## quickstart: MLP on digits, norm x batch size, 3 lrs each, bracketed -> results/quickstart/
+	$(PY) -m bnp.setting quickstart $(ARGS)
 
 report: setup ## tables + figures of a sweep: make report SWEEP=outputs/sweeps/NAME [OUT=dir]
 	@test -n "$(SWEEP)" || (echo "usage: make report SWEEP=outputs/sweeps/NAME [OUT=dir]" && exit 2)
