@@ -75,9 +75,9 @@ def acc(setting: str, norm: str, batch_size: int | None = None) -> str:
     return cell(setting, norm, "test_acc", batch_size)
 
 
-def gap(setting: str, norm: str, reference: str, batch_size: int | None = None) -> str:
-    """``norm``'s mean test accuracy minus ``reference``'s, in points (signed, one decimal)."""
-    return f"{100 * (mean(setting, norm, 'test_acc', batch_size) - mean(setting, reference, 'test_acc', batch_size)):+.1f}"
+def gap(setting: str, norm: str, reference: str, batch_size: int | None = None, column: str = "test_acc") -> str:
+    """``norm``'s mean ``column`` (test accuracy) minus ``reference``'s, in points (signed, one decimal)."""
+    return f"{100 * (mean(setting, norm, column, batch_size) - mean(setting, reference, column, batch_size)):+.1f}"
 
 
 def evidence(setting: str, *norms: str, batch_size: int | None = None) -> str:
