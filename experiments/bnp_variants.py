@@ -1,19 +1,11 @@
-"""Claim 4, why BNP falls behind BatchNorm on CNNs with global average pooling: the paper's BNP and
-its opt-in variants (configs/norm/bnp_<variant>.yaml) against BatchNorm on the GAP CNN of
-experiments/cnn.py (16-16-32-32, Fashion-MNIST, plain SGD, 2 epochs) at batch size 32 (3,374 steps),
-one seed each (the 2-core CPU budget), every learning rate bracketed, per-layer instruments logged.
+"""Claim 4, why BNP falls behind BatchNorm on CNNs with global average pooling: the paper's BNP,
+the variants of its statistics (configs/norm/bnp_<variant>.yaml) and the gradient rules after it
+(configs/grad) against BatchNorm on the GAP CNN of experiments/cnn.py (16-16-32-32, Fashion-MNIST,
+plain SGD, 2 epochs) at batch size 32 (3,374 steps); screened on one seed, every learning rate
+bracketed, per-layer instruments logged.
 
-    python experiments/bnp_variants.py            # -> results/bnp_variants
+    python -m bnp.setting cnn-gap-b32-2ep         # -> results/cnn-gap-b32-2ep
     python experiments/bnp_variants.py --smoke    # tiny offline variant (digits)
-
-results/bnp_variants predates the sweep archive, so its runs cannot be restored to add seeds;
-results/bnp_variants_seeds holds 3 seeds at the lrs that table chose (and two lrs below them for
-none and bnp_skipends), one sweep per method and lr, seed 0 run again, e.g.
-    python experiments/bnp_variants.py --suffix seeds --grids 2 --bracket-cap 0 --launcher basic \
-        norm=bnp optim.lr=0.03 train.seed=0,1,2 train.threads=1
-
-The same variants on ResNet-20 go through its own experiment, e.g.
-    python experiments/resnet.py --suffix variants train.epochs=2 train.seed=0 norm=bn,bnp,bnp_releps
 """
 
 from bnp.sweep import run_experiment

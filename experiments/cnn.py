@@ -1,18 +1,14 @@
 """Claim 4: a VGG-style CNN (16-16-32-32 channels) on Fashion-MNIST with two heads: global average
 pooling (``gap``, the modern form) and the classic flatten -> Linear head (``fc``, the kind of CNN
-the BN and BNP papers used), at batch sizes 128 (2 epochs, 3 seeds) and 8 (1 epoch, 1 seed: the
-2-core CPU budget). Every learning rate is bracketed (bnp.sweep).
+the BN and BNP papers used), at batch sizes 128 (2 epochs) and 8 (1 epoch), 3 seeds. Every learning
+rate is bracketed (bnp.sweep).
 
-    python experiments/cnn.py                              # full sweep -> results/cnn
-    python experiments/cnn.py --suffix cifar10 data=cifar10 model.channels=[32,64]   # CIFAR-10
-    python experiments/cnn.py --smoke                      # tiny offline variant (digits)
+    python -m bnp.setting cnn-gap-b128-2ep      # one of SETTINGS -> results/cnn-gap-b128-2ep
+    python experiments/cnn.py --name cnn-cifar10 data=cifar10 model.channels=[32,64]   # CIFAR-10
+    python experiments/cnn.py --smoke           # tiny offline variant (digits)
 
-On a CPU budget, screen on one seed and confirm the chosen lrs on three (bnp.sweep):
-    python experiments/cnn.py --suffix fc --grids 1,2 model.head=fc train.seed=0 --confirm-seeds 0,1,2
-results/cnn_fc_seeds and results/cnn_fc_b8_seeds hold 3 seeds of the fc head at batch 128 and 8 at
-the lrs results/cnn_fc chose (`--suffix fc_seeds --grids 1 --bracket-cap 0 model.head=fc norm=X
-optim.lr=Y`, `--suffix fc_b8_seeds --grids 2 ...`; their PROVENANCE.md); results/cnn_gap_b8 the GAP
-head at batch 8 (`--suffix gap_b8 --grids 2 --bracket-cap 1 model.head=gap`, seed 0).
+On a CPU budget, screen on one seed and run the chosen lrs (--confirm-seeds) or every lr tried
+(--all-seeds) on three: add ``train.seed=0 --all-seeds 0,1,2``.
 """
 
 from bnp.sweep import run_experiment

@@ -1,14 +1,10 @@
 """Claim 4 on a classic hand-written CNN (conv3x3-ReLU-maxpool x 3 with 32/64/128 channels, flatten,
 Linear; Fashion-MNIST, plain SGD, batch 128, one epoch): is BNP level with BatchNorm there, and does
-BNP's statistics momentum 0.01 beat the automatic 0.1 (min(0.1, batch / 100)) at batch 128? One seed
-(the 2-core CPU budget), every learning rate bracketed.
+BNP's statistics momentum 0.01 beat the automatic 0.1 (min(0.1, batch / 100)) at batch 128? Every
+learning rate bracketed.
 
-    python experiments/cnn_classic.py           # -> results/cnn_classic
-    python experiments/cnn_classic.py --smoke   # tiny offline variant (digits)
-    python experiments/cnn_classic.py --confirm-seeds 0,1,2   # then 3 seeds at each chosen lr
-
-results/cnn_classic_seeds holds 3 seeds of BatchNorm and BNP at the lrs results/cnn_classic chose
-(`--suffix seeds --grids 1 --bracket-cap 0 norm=X optim.lr=Y train.seed=0,1,2`, its PROVENANCE.md).
+    python -m bnp.setting cnn-classic-b128-1ep    # -> results/cnn-classic-b128-1ep
+    python experiments/cnn_classic.py --smoke     # tiny offline variant (digits)
 """
 
 from bnp.sweep import run_experiment

@@ -1,8 +1,8 @@
 """Claim 4 at a longer budget: CNN 16-16-32-32 on Fashion-MNIST, batch 128, SGD momentum 0.9 with a
-cosine schedule over 6 epochs, for no norm, BatchNorm, BNP and GroupNorm.
+cosine schedule over 6 epochs, for no norm, BatchNorm, BNP and GroupNorm, 3 seeds.
 
-    python experiments/cnn_momentum.py           # full sweep (3 seeds) -> results/cnn_momentum
-    python experiments/cnn_momentum.py --smoke   # tiny offline variant (digits)
+    python -m bnp.setting cnn-gap-b128-6ep-momentum   # this file, then cnn_momentum_variants.py
+    python experiments/cnn_momentum.py --smoke        # tiny offline variant (digits)
 """
 
 from bnp.sweep import run_experiment

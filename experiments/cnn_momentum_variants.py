@@ -1,18 +1,11 @@
 """Claim 4's momentum target: on the GAP CNN with SGD momentum 0.9, a cosine schedule and 6 epochs
 (experiment=cnn_momentum, batch 128), does a BNP variant come within 1 point of BatchNorm? The paper's
 BNP, BNP with unit-wise adaptive clipping (bnp+agc), BNP with a layer-wise trust ratio (bnp+lars) and,
-as controls, the same clipping and trust ratio without preconditioning (none+agc, none+lars) against BatchNorm;
-one seed each (the 2-core CPU budget), every learning rate
-bracketed, per-layer instruments logged.
+as controls, the same clipping and trust ratio without preconditioning (none+agc, none+lars) against
+BatchNorm; screened on one seed, every learning rate bracketed, per-layer instruments logged.
 
-    python experiments/cnn_momentum_variants.py           # -> results/cnn_momentum_variants
+    python -m bnp.setting cnn-gap-b128-6ep-momentum       # cnn_momentum.py, then this file
     python experiments/cnn_momentum_variants.py --smoke   # tiny offline variant (digits)
-
-results/cnn_momentum_variants predates the sweep archive (no sweep.tar.gz), so its runs cannot be
-restored to add seeds; results/cnn_momentum_variants_seeds holds 3 seeds at the lrs that table chose,
-one sweep per method, seed 0 run again, e.g.
-    python experiments/cnn_momentum_variants.py --suffix seeds --grids 3 --bracket-cap 0 \
-        --launcher basic optim.lr=0.03 train.seed=0,1,2 train.threads=1
 """
 
 from bnp.sweep import run_experiment

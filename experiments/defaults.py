@@ -1,7 +1,7 @@
 """The defaults learn: every norm x batch size 1 / 16 / 128 with its default settings, on digits.
 
-    python experiments/defaults.py            # 3 seeds -> results/defaults (the README's defaults table)
-    python experiments/defaults.py --smoke    # a few steps
+    python -m bnp.setting digits-mlp-defaults    # 3 seeds -> results/digits-mlp-defaults
+    python experiments/defaults.py --smoke       # a few steps
 
 Nothing is tuned here: each run uses the primary config's defaults (MLP 3x256, plain SGD at
 optim.lr=null, i.e. bnp.config.DEFAULT_LR, 10 epochs), so the table shows what a new user gets.

@@ -1,8 +1,8 @@
 """Claims 1-3: MLP on Fashion-MNIST, none / BN / BNP / LayerNorm x batch size 1, 2, 8, 32, 128.
 
-    python experiments/mlp_batch_size.py                 # full sweep (3 seeds) + report -> results/mlp_batch_size
-    python experiments/mlp_batch_size.py --suffix mnist data=mnist       # the same on MNIST
-    python experiments/mlp_batch_size.py --smoke         # tiny offline variant (digits), about a minute
+    python -m bnp.setting mlp-b1-128-2ep                  # 3 seeds -> results/mlp-b1-128-2ep
+    python experiments/mlp_batch_size.py --name mlp-mnist data=mnist   # the same on MNIST
+    python experiments/mlp_batch_size.py --smoke          # tiny offline variant (digits), about a minute
 
 The learning-rate grid moves with the batch size (4 values each; at batch sizes 1 and 2, 3 values
 per method that cover its best in an earlier 0.001-0.03 grid, where BNP's, LayerNorm's and

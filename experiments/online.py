@@ -1,8 +1,7 @@
 """Claim 3: online learning (batch size 1, one pass over Fashion-MNIST) with an MLP and a CNN.
 
-    python experiments/online.py            # full sweep (3 seeds) + report -> results/online
-    python experiments/online.py --smoke    # tiny offline variant (digits), about a minute
-    python experiments/online.py --suffix fc --grids 2 model.head=fc   # the CNN with the fc head -> results/online_fc
+    python -m bnp.setting mlp-b1-1ep          # the MLP -> results/mlp-b1-1ep (also cnn-gap-b1-1ep, cnn-fc-b1-1ep)
+    python experiments/online.py --smoke      # tiny offline variant (digits), about a minute
 
 BatchNorm1d cannot run at batch size 1 (the MLP's bn runs are reported as not applicable);
 BatchNorm2d runs but then normalizes each sample over positions only. The report's prequential

@@ -1,11 +1,12 @@
 """Claim 4 (residual nets): ResNet-20 on Fashion-MNIST (offline) and CIFAR-10/100 where the files
 can be had. Sized for a GPU: 30 epochs, SGD + Nesterov momentum, cosine schedule.
 
-    python experiments/resnet.py                                   # Fashion-MNIST -> results/resnet
-    python experiments/resnet.py --suffix cifar10 data=cifar10     # CIFAR-10 (augmented)
-    python experiments/resnet.py --suffix cifar100 data=cifar100
+    python -m bnp.setting resnet                                   # Fashion-MNIST -> results/resnet
+    python experiments/resnet.py --name resnet-cifar10 data=cifar10     # CIFAR-10 (augmented)
     python experiments/resnet.py --smoke                           # tiny offline variant (digits)
-    python experiments/resnet.py --suffix cpu train.epochs=2 norm=none,bn,bnp   # CPU-sized -> results/resnet_cpu
+
+The CPU-sized ResNet-20 settings (2 and 6 epochs, batch 128 and 8, the variants) are in
+experiments/resnet_variants.py.
 """
 
 from bnp.sweep import run_experiment

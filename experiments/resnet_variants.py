@@ -33,7 +33,7 @@ from bnp.sweep import run_experiment
 EXPERIMENT = "resnet"
 FIXED = ["train.epochs=2", "train.diagnostics=true"]
 SEEDS = "0,1,2"
-GRIDS = [  # batch 128 (the config's): each method's lrs around its best in results/resnet_cpu and the seed-0 screen
+GRIDS = [  # batch 128 (the config's): each method's lrs around its best in a one-seed screen
     {"norm": "bn,gn", "optim.lr": "0.003,0.01,0.03", "train.seed": SEEDS},
     {"norm": "bnp", "grad": "agc", "optim.lr": "0.01,0.03,0.1", "train.seed": SEEDS},
     {"norm": "none", "grad": "agc", "optim.lr": "0.03,0.1,0.3", "train.seed": SEEDS},
