@@ -105,10 +105,38 @@ def table(setting: str, columns: list[str] | None = None, norms: list[str] | Non
     return t[wanted].to_markdown(index=False)
 
 
+@functools.cache
+def _csv(path: str) -> pd.DataFrame:
+    full = ROOT / "results" / path
+    if not full.exists():
+        raise DocsError(f"results/{path} does not exist")
+    return pd.read_csv(full, dtype=str, keep_default_na=False)
+
+
+def csv_table(path: str, columns: list[str] | None = None, **match: str) -> str:
+    """Any CSV under results/ (e.g. ``preconditioners/comparison.csv``) as markdown: the rows whose
+    columns equal ``match`` (``batch_size="8"``), the ``columns`` given."""
+    t = _csv(path)
+    for key, value in match.items():
+        t = t[t[key] == str(value)]
+    return t[columns or list(t.columns)].to_markdown(index=False)
+
+
+def lookup(path: str, column: str, **match: str) -> str:
+    """One cell of a CSV under results/: the one row whose columns equal ``match``."""
+    t = _csv(path)
+    for key, value in match.items():
+        t = t[t[key] == str(value)]
+    if len(t) != 1 or column not in t.columns:
+        raise DocsError(f"results/{path}: {len(t)} rows for {match} (column {column!r})")
+    return t.iloc[0][column]
+
+
 def render(name: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence)
+    env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, csv_table=csv_table,
+                       lookup=lookup)
     try:
         text = env.get_template(f"{name}.md.j2").render()
     except jinja2.TemplateNotFound:

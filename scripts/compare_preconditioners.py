@@ -1,0 +1,83 @@
+"""The preconditioner comparison's table and figure: each method's test accuracy at its chosen lr
+(results/preconditioners/table.csv, the sweep's report) beside its step time as a ratio to plain
+SGD measured in one process (results/bench/optimizers-<device>.csv, benchmarks/bench_optimizers.py).
+
+    python scripts/compare_preconditioners.py            # -> results/preconditioners/comparison.{md,csv}, accuracy_vs_cost.png
+
+A method is an optimizer with or without a BNP-family preconditioner: sgd, sgd+bnp, sgd+full (the
+full-covariance rule), adam, adam+bnp, shampoo, soap, muon, kron.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PRECONDITIONER = {"none": "", "bnp": "+bnp", "bnp_full": "+full"}
+MODEL_KIND = {"mlp": "MLP", "cnn": "CNN"}  # table's model label -> the benchmark's
+COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "prequential_acc",
+           "steps_to_0.85", "step_time_ratio"]
+
+
+def mean(cell: str) -> float:
+    try:
+        return float(str(cell).split("±")[0])
+    except ValueError:
+        return float("nan")
+
+
+def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
+    rows = table.assign(method=table["optim"] + table["norm"].map(PRECONDITIONER))
+    bench = bench.assign(kind=bench["model"].str.split().str[0].str.upper().str[:3])
+    ratios = {(kind, int(b), m): r for kind, b, m, r in bench[["kind", "batch", "method", "ratio"]].itertuples(index=False)}
+    rows["step_time_ratio"] = [ratios.get((MODEL_KIND.get(model.split()[0], "?"), int(b), m), float("nan"))
+                               for model, b, m in rows[["model", "batch_size", "method"]].itertuples(index=False)]
+    order = {m: i for i, m in enumerate(["sgd", "sgd+bnp", "sgd+full", "adam", "adam+bnp", "shampoo", "soap",
+                                         "muon", "kron"])}
+    rows = rows.assign(_order=rows["method"].map(order)).sort_values(["model", "batch_size", "_order"])
+    return rows[[c for c in COLUMNS if c in rows.columns]].reset_index(drop=True)
+
+
+def figure(frame: pd.DataFrame, out: Path) -> None:
+    panels = list(frame.groupby(["model", "batch_size"], sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, ((model, batch), group) in zip(axes[0], panels):
+        for _, row in group.iterrows():
+            acc = mean(row["test_acc"])
+            color = "#d62728" if "bnp" in row["method"] or "full" in row["method"] else "#1f77b4"
+            ax.scatter(row["step_time_ratio"], acc, color=color)
+            ax.annotate(row["method"], (row["step_time_ratio"], acc), fontsize=7, xytext=(3, 2),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("step time / plain SGD's (same process)")
+        ax.set_title(f"{model}, batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "preconditioners")
+    parser.add_argument("--bench", type=Path, default=ROOT / "results" / "bench" / "optimizers-cpu.csv")
+    args = parser.parse_args()
+    frame = comparison(pd.read_csv(args.results / "table.csv", dtype={"config": str}), pd.read_csv(args.bench))
+    frame.to_csv(args.results / "comparison.csv", index=False)
+    command = "python scripts/compare_preconditioners.py"
+    (args.results / "comparison.md").write_text(
+        f"Made by `{command}` from `table.csv` and `{args.bench.relative_to(ROOT)}`.\n\n"
+        + frame.fillna("n/a").to_markdown(index=False) + "\n")
+    figure(frame, args.results / "accuracy_vs_cost.png")
+    print(frame.fillna("n/a").to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
