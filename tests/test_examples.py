@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
-    "torchvision_resnet.py": ["--steps", "3", "--batch-size", "4", "--image-size", "16"],
+    "torchvision_resnet.py": ["--steps", "3", "--batch-size", "4", "--image-size", "16", "--rules", "bnp+agc"],
     "online_stream.py": ["--passes", "2", "--limit", "150"],
     "adamw_bf16.py": ["--steps", "60"],
 }
