@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from bnp.log import read_json
-from bnp.runs import SETTING, _filled
+from bnp.runs import LEGACY_NORMS, SETTING, _filled
 
 
 def _val_for_choice(runs: pd.DataFrame) -> pd.DataFrame:
@@ -124,7 +124,16 @@ BRACKET = "bracket.json"  # the bracketing record's file name, in a sweep direct
 def read_extensions(sweep_dir: Path) -> dict:
     """The driver's bracketing record (bnp.sweep), {setting_key: {"low": n, "high": n, "cap": cap}}."""
     path = Path(sweep_dir) / BRACKET
-    return read_json(path) if path.exists() else {}
+    records = read_json(path) if path.exists() else {}
+    return {_current_key(key): record for key, record in records.items()}
+
+
+def _current_key(key: str) -> str:
+    """A record's setting key with an earlier norm variant's name in today's (runs.LEGACY_NORMS)."""
+    parts = key.split("|")
+    if len(parts) > 2 and parts[2] in LEGACY_NORMS:
+        parts[2] = LEGACY_NORMS[parts[2]]
+    return "|".join(parts)
 
 
 def write_extensions(directory: Path, extensions: dict) -> None:

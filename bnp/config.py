@@ -121,7 +121,10 @@ class NormConfig:
 
 
 def _positive(field_name: str, value: float) -> None:
-    _check(field_name, value > 0 and math.isfinite(value), "a finite number > 0", value)
+    try:
+        options.check_positive("", field_name, value)
+    except ValueError:
+        _check(field_name, False, "a finite number > 0", value)
 
 
 @dataclass
@@ -130,9 +133,8 @@ class OutScaleConfig:  # configs/grad/outscale.yaml: bnp.OutputScale
     momentum: Optional[float] = None  # null = auto: min(0.1, batch size / 100)
 
     def __post_init__(self) -> None:
-        _positive("grad.outscale.eps", self.eps)
-        _check("grad.outscale.momentum", self.momentum is None or 0 < self.momentum <= 1, "null (auto) or in (0, 1]",
-               self.momentum)
+        for name, accepted, value in options.problems(momentum=self.momentum, eps=self.eps):
+            _check(f"grad.outscale.{name}", False, accepted.replace("None", "null"), value)
 
 
 @dataclass

@@ -177,6 +177,9 @@ class Trainer:
                 self.pre.load_state_dict(state["pre"])
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
+            if "aug_gen" in state:  # the augmentation and torch streams go on where they stopped
+                self.batches.aug_gen.set_state(state["aug_gen"].cpu())
+                torch.set_rng_state(state["torch_rng"].cpu())
             p = state["progress"]
             for name in self.PROGRESS:
                 if name in p:  # checkpoints from before the divergence rule have no initial_loss

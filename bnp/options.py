@@ -35,6 +35,12 @@ def problems(momentum: Any = None, eps: Any = 0.01, warmup: Any = 0, moments: An
     return found
 
 
+def check_positive(where: str, name: str, value: Any) -> None:
+    """A finite number > 0 (clip, trust, eps of the gradient rules)."""
+    if not (_number(value) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{where}{name} must be a finite number > 0, got {value!r}")
+
+
 def check(where: str, **options: Any) -> None:
     """Raise ValueError naming the first option that is not accepted, as ``<where><option>``."""
     for name, accepted, value in problems(**options):

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from bnp import options
 from bnp.precondition.layers import candidates
 from bnp.precondition.stats import recurrence, momentum_for
 
@@ -76,8 +77,7 @@ def _scale_rows(G: torch.Tensor, bias: torch.Tensor | None, factor: torch.Tensor
 
 
 def _positive(who: str, label: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
-        raise ValueError(f"{who}: {label} must be a finite number > 0, got {value!r}")
+    options.check_positive(f"{who}: ", label, value)
     return float(value)
 
 
@@ -145,10 +145,8 @@ class OutputScale:
     batch / 100)). Units whose layer has not run a training forward yet are left as they are."""
 
     def __init__(self, model: nn.Module, eps: float = 1e-2, momentum: float | None = None):
-        self.eps = _positive("OutputScale", "eps", eps)
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
-            raise ValueError(f"OutputScale: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
-        self.momentum = momentum
+        options.check("OutputScale: ", momentum=momentum, eps=eps)
+        self.eps, self.momentum = float(eps), momentum
         self.units = Unit.all_of(model)
         self.mean: dict[str, torch.Tensor] = {}
         self.var: dict[str, torch.Tensor] = {}
@@ -226,6 +224,9 @@ class Chain:
     def step(self) -> None:
         for rule in self.rules:
             rule.step()
+        for rule in self.rules:  # the later rules edited .grad in place: it is still this step's gradient
+            if hasattr(rule, "mark_grads"):
+                rule.mark_grads()
 
     def find(self, kind: type) -> Any:
         """The first rule that is a ``kind`` (e.g. ``chain.find(BNP)``), or None."""

@@ -68,13 +68,13 @@ def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: lis
 
 def current_names(overrides: list[str]) -> list[str]:
     """An earlier run's overrides in today's names, to repeat it at another lr or seed: a norm
-    variant that is now a norm plus gradient rules (report.LEGACY_NORMS) becomes ``norm=... grad=...``."""
+    variant that is now a norm plus gradient rules (runs.LEGACY_NORMS) becomes ``norm=... grad=...``."""
     out = []
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "norm" and value in LEGACY_NORMS:
             norm, *rules = LEGACY_NORMS[value].split("+")
-            out += [f"norm={norm}", f"grad=[{','.join(rules)}]"]
+            out += [f"norm={norm}", f"grad={rules[0]}" if len(rules) == 1 else f"grad=[{','.join(rules)}]"]
         else:
             out.append(override)
     return out

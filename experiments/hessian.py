@@ -14,7 +14,6 @@ batch statistics of the layer's inputs for none runs (what BNP would use with fr
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from hydra import compose, initialize_config_dir
 
 import bnp.train
 from bnp.analysis.hessian import layer_conditioning
+from bnp.provenance import git_commit
 from bnp.report import NORM_COLORS, NORM_LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     name = "hessian_smoke" if args.smoke else "hessian"
     sweep = Path(args.out_root) / "sweeps" / name
     started, rows = time.time(), []
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git_commit()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for data in datasets:
             for norm, lr in LR.items():
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     figure(table, out)
     (out / "PROVENANCE.md").write_text(
         f"- experiment: `python experiments/hessian.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-        f"- commit: {commit} (at start)\n- machine: {platform.node()}, {platform.machine()}, python {platform.python_version()}\n"
+        f"- runs by the commit they ran at: {commit} ({table.groupby(['data', 'norm', 'seed']).ngroups})\n- machine: {platform.node()}, {platform.machine()}, python {platform.python_version()}\n"
         f"- wall time of this invocation: {time.time() - started:.0f} s\n- date: {time.strftime('%Y-%m-%d %H:%M')}\n")
     print(summary.to_markdown(index=False))
 

@@ -131,9 +131,9 @@ def test_interrupted_graph_run_resumes_to_the_uninterrupted_metrics(compose, tmp
 
 
 def test_compiled_model_trains_like_the_eager_one(compose, tmp_path):
-    """train.compile=true: BNP's fast layers take the reference path under torch.compile (one
-    warning), and training matches eager to float32 rounding."""
-    overrides = [*RUN, "norm=bnp", "train.steps=20"]
+    """train.compile=true with norm.fast=true: BNP's fast layers take the reference path under
+    torch.compile (one warning), and training matches eager to float32 rounding."""
+    overrides = [*RUN, "norm=bnp", "norm.fast=true", "train.steps=20"]
     eager = run(compose(*overrides), tmp_path / "eager")
     with pytest.warns(UserWarning, match=r"BNP\(fast=True\) under torch.compile"):
         compiled = run(compose(*overrides, "train.compile=true"), tmp_path / "compiled")

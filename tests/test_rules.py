@@ -1,6 +1,6 @@
 """Gradient rules that chain after BNP or stand alone (bnp.rules): each checked exactly against an
 independent float64 formula; the chain's order, state and errors; the runner's grad group, and
-norm=bnp grad=agc against runs of the earlier bnp_agc norm variant (tests/data/bnp_agc_digits.json)."""
+norm=bnp grad=agc against runs of the earlier bnp_agc norm variant (tests/data/legacy_rule_runs.json)."""
 
 import copy
 import json
@@ -281,3 +281,28 @@ def test_grad_group_errors_name_the_field(compose, tmp_path):
         run(compose(*LEGACY_RUN, "grad=agc", "grad.agc.clip=0"), tmp_path)
     with pytest.raises(ConfigError, match=r"grad.lars.trust: must be a finite number > 0"):
         run(compose(*LEGACY_RUN, "grad=lars", "grad.lars.trust=-1"), tmp_path)
+
+
+def test_a_second_chain_step_without_a_backward_raises():
+    """The rules after BNP edit .grad in place; the chain still knows it is this step's gradient."""
+    gen = torch.Generator().manual_seed(12)
+    model = net()
+    rules = Chain(BNP(model), Clip(model, clip=0.05))
+    train_step(model, rules, skewed(16, 6, gen=gen), torch.randn(16, 3, generator=gen, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="have not changed since the last step"):
+        rules.step()
+
+
+def test_bracketing_records_of_earlier_variant_names_read_under_the_new_names(tmp_path):
+    from bnp.choice import read_extensions
+
+    (tmp_path / "bracket.json").write_text(json.dumps({"fashion_mnist|resnet20|bnp_agc|8|sgd": {"low": 0, "high": 2,
+                                                                                              "cap": 2}}))
+    assert read_extensions(tmp_path) == {"fashion_mnist|resnet20|bnp+agc|8|sgd": {"low": 0, "high": 2, "cap": 2}}
+
+
+def test_earlier_overrides_are_repeated_under_the_grids_spelling():
+    from bnp.sweep import current_names
+
+    assert current_names(["norm=bnp_agc", "optim.lr=0.1"]) == ["norm=bnp", "grad=agc", "optim.lr=0.1"]
+    assert current_names(["norm=lars"]) == ["norm=none", "grad=lars"]

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bnp import options
 from bnp.precondition.layers import candidates, check_unclaimed, matches, resolve_ends, skip_patterns
-from bnp.precondition.stats import AUTO_WINDOW
+from bnp.precondition.stats import momentum_for
 
 
 class _Layer:
@@ -110,10 +111,7 @@ class FullCovariance:
 
     def __init__(self, model: nn.Module, *, momentum: float | None = None, eps: float = 1e-2, refresh: int = 10,
                  skip: str | Iterable[str] = (), max_features: int = 4096):
-        if momentum is not None and (isinstance(momentum, bool) or not 0 < momentum <= 1):
-            raise ValueError(f"FullCovariance: momentum must be None (auto) or a number in (0, 1], got {momentum!r}")
-        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"FullCovariance: eps must be a finite number > 0, got {eps!r}")
+        options.check("FullCovariance: ", momentum=momentum, eps=eps)
         for label, value in (("refresh", refresh), ("max_features", max_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FullCovariance: {label} must be an integer >= 1, got {value!r}")
@@ -150,7 +148,7 @@ class FullCovariance:
         return None
 
     def _alpha(self, samples: int) -> float:
-        return self.momentum if self.momentum is not None else min(0.1, samples / AUTO_WINDOW)
+        return momentum_for(self.momentum, samples)
 
     @property
     def names(self) -> list[str]:

@@ -252,6 +252,13 @@ class BNP:
     # ------------------------------------------------------------------ CUDA graphs
     # A captured step records its kernels while its Python runs once; a replay runs the kernels only.
     # BNP's host-side counters (steps, batches per layer) must follow the replays, not the capture.
+    def mark_grads(self) -> None:
+        """Record the current gradients as this step's (a rule after BNP in a Chain edited them in
+        place), so that a second step() without a new backward still raises."""
+        for layer in self._layers:
+            if layer.weight.grad is not None:
+                layer.mark_grad()
+
     @property
     def warmup_left(self) -> int:
         """Counted steps still to leave gradients raw: the next counted step preconditions when 0
