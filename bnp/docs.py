@@ -122,6 +122,14 @@ def csv_table(path: str, columns: list[str] | None = None, **match: str) -> str:
     return t[columns or list(t.columns)].to_markdown(index=False)
 
 
+def records(path: str, **match: str) -> list[dict[str, str]]:
+    """The rows of a CSV under results/ whose columns equal ``match``, as dicts (for loops in a template)."""
+    t = _csv(path)
+    for key, value in match.items():
+        t = t[t[key] == str(value)]
+    return t.to_dict("records")
+
+
 def lookup(path: str, column: str, **match: str) -> str:
     """One cell of a CSV under results/: the one row whose columns equal ``match``."""
     t = _csv(path)
@@ -136,7 +144,7 @@ def render(name: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, csv_table=csv_table,
-                       lookup=lookup)
+                       lookup=lookup, records=records)
     try:
         text = env.get_template(f"{name}.md.j2").render()
     except jinja2.TemplateNotFound:

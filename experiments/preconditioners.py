@@ -15,8 +15,14 @@ full-covariance rule, norm=bnp_full), adam, adam+bnp, shampoo, soap, muon, kron 
 their documented defaults). Each method's lrs move down the 1-3-10 ladder with the batch size (BATCH_SHIFT); every grid runs 3 seeds and is bracketed.
 GRIDS lists them in the order batch 128, 8, 1, then the CNN (9 methods each): ``--grids 1,2,3,4,5,6,7,8,9``
 is the MLP at batch 128.
-Step cost: benchmarks/bench_optimizers.py times each method against plain SGD in one process.
+Step cost: benchmarks/bench_optimizers.py times each method against plain SGD in one process;
+scripts/compare_preconditioners.py (run at the end) puts it beside the table: comparison.{md,csv},
+accuracy_vs_cost.png.
 """
+
+import subprocess
+import sys
+from pathlib import Path
 
 from bnp.sweep import run_experiment
 
@@ -62,4 +68,7 @@ SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.settin
 }
 
 if __name__ == "__main__":
-    run_experiment("preconditioners", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS, target=0.85)
+    out = run_experiment("preconditioners", GRIDS, smoke_grids=SMOKE_GRIDS, smoke_fixed=SMOKE_FIXED, settings=SETTINGS,
+                         target=0.85)
+    compare = Path(__file__).resolve().parent.parent / "scripts" / "compare_preconditioners.py"
+    sys.exit(subprocess.call([sys.executable, str(compare), "--results", str(out)]))

@@ -22,8 +22,8 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PRECONDITIONER = {"none": "", "bnp": "+bnp", "bnp_full": "+full"}
 MODEL_KIND = {"mlp": "MLP", "cnn": "CNN"}  # table's model label -> the benchmark's
-COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "prequential_acc",
-           "steps_to_0.85", "step_time_ratio"]
+COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "vs_sgd",
+           "prequential_acc", "steps_to_0.85", "step_time_ratio", "dominated_by"]
 
 
 def mean(cell: str) -> float:
@@ -42,7 +42,22 @@ def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(["sgd", "sgd+bnp", "sgd+full", "adam", "adam+bnp", "shampoo", "soap",
                                          "muon", "kron"])}
     rows = rows.assign(_order=rows["method"].map(order)).sort_values(["model", "batch_size", "_order"])
+    rows["_acc"] = rows["test_acc"].map(mean)
+    sgd = rows[rows["method"] == "sgd"].set_index(["model", "batch_size"])["_acc"]
+    rows["vs_sgd"] = [f"{100 * (a - sgd.get((m, b), float('nan'))):+.1f}"
+                      for m, b, a in rows[["model", "batch_size", "_acc"]].itertuples(index=False)]
+    rows["dominated_by"] = [", ".join(dominating(rows, row)) for _, row in rows.iterrows()]
     return rows[[c for c in COLUMNS if c in rows.columns]].reset_index(drop=True)
+
+
+def dominating(rows: pd.DataFrame, row: pd.Series) -> list[str]:
+    """The methods of the same model and batch size that are at least as accurate (mean test
+    accuracy) at no more step cost, one of the two strictly: the ones that make ``row`` a bad buy."""
+    peers = rows[(rows["model"] == row["model"]) & (rows["batch_size"] == row["batch_size"])
+                 & (rows["method"] != row["method"])]
+    better = peers[(peers["_acc"] >= row["_acc"]) & (peers["step_time_ratio"] <= row["step_time_ratio"])
+                   & ((peers["_acc"] > row["_acc"]) | (peers["step_time_ratio"] < row["step_time_ratio"]))]
+    return list(better["method"])
 
 
 def figure(frame: pd.DataFrame, out: Path) -> None:

@@ -40,3 +40,21 @@ def test_a_template_asking_for_a_missing_method_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(docs, "TEMPLATES", tmp_path)
     with pytest.raises(docs.DocsError, match="0 rows for norm=nosuch .*norms: .*bn"):
         docs.render("bad")
+
+
+def test_any_results_csv_renders_by_match(tmp_path, monkeypatch):
+    """csv_table, lookup and records read any CSV under results/ (e.g. a comparison table) by column match."""
+    (tmp_path / "results" / "cmp").mkdir(parents=True)
+    (tmp_path / "results" / "cmp" / "c.csv").write_text("method,batch_size,acc\nsgd,8,0.5\nbnp,8,0.75\nsgd,1,0.25\n")
+    (tmp_path / "t.md.j2").write_text('{{ lookup("cmp/c.csv", "acc", method="bnp", batch_size=8) }}|'
+                                      '{% for r in records("cmp/c.csv", method="sgd") %}{{ r.batch_size }},{% endfor %}|'
+                                      '{{ csv_table("cmp/c.csv", ["method", "acc"], batch_size="1") }}')
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "TEMPLATES", tmp_path)
+    docs._csv.cache_clear()
+    looked, batches, table = docs.render("t").strip().split("|", 2)
+    assert looked == "0.75" and batches == "8,1,"
+    assert "sgd" in table and "0.25" in table and "bnp" not in table
+    with pytest.raises(docs.DocsError, match=r"0 rows for \{'method': 'adam'\}"):
+        docs.lookup("cmp/c.csv", "acc", method="adam")
+    docs._csv.cache_clear()
