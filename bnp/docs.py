@@ -140,11 +140,23 @@ def lookup(path: str, column: str, **match: str) -> str:
     return t.iloc[0][column]
 
 
+def wall_time(setting: str) -> str:
+    """How long the last invocation that trained ``setting`` took (its PROVENANCE.md's last ``wall
+    time of this invocation``), and on what machine, e.g. ``4 min 10 s on 2 CPUs``."""
+    text = (ROOT / "results" / setting / "PROVENANCE.md").read_text() if (ROOT / "results" / setting).is_dir() else ""
+    walls = re.findall(r"^- wall time of this invocation: (\d+) s$", text, re.M)
+    cpus = re.findall(r"^- machine: .*?(\d+) CPUs", text, re.M)
+    if not walls:
+        raise DocsError(f"results/{setting}/PROVENANCE.md records no wall time (no invocation that trained)")
+    minutes, seconds = divmod(int(walls[-1]), 60)
+    return f"{minutes} min {seconds} s" + (f" on {cpus[-1]} CPUs" if cpus else "")
+
+
 def render(name: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, csv_table=csv_table,
-                       lookup=lookup, records=records)
+                       lookup=lookup, records=records, wall_time=wall_time)
     try:
         text = env.get_template(f"{name}.md.j2").render()
     except jinja2.TemplateNotFound:

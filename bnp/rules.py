@@ -30,7 +30,7 @@ from torch import nn
 
 from bnp import options
 from bnp.precondition.layers import candidates
-from bnp.precondition.stats import recurrence, momentum_for
+from bnp.precondition.stats import momentum_for, pooled, recurrence
 
 MIN_WEIGHT_NORM = 1e-3  # NFNets: units (layers) with (near) zero weights may still move this much
 RULE_ORDER = ("outscale", "agc", "lars")  # the runner's order after the preconditioner (configs/grad)
@@ -162,13 +162,8 @@ class OutputScale:
 
     def update(self, unit: Unit, h: torch.Tensor) -> None:
         """Fold one training forward's output ``h`` into the unit statistics (float32, float64 models in float64)."""
-        h = h.to(torch.float64 if unit.weight.dtype == torch.float64 else torch.float32)
-        spatial = unit.weight.dim() - 2
-        if spatial == 0:
-            h, dims = h.reshape(-1, h.shape[-1]), (0,)
-        else:
-            h = h if h.dim() == spatial + 2 else h.unsqueeze(0)
-            dims = (0, *range(2, h.dim()))
+        h, dims = pooled(h.to(torch.float64 if unit.weight.dtype == torch.float64 else torch.float32),
+                         unit.weight.dim() - 2)
         batches = self.batches.get(unit.name, 0)
         if batches == 0 or self.mean[unit.name].dtype != h.dtype or self.mean[unit.name].device != h.device:
             self.mean[unit.name] = self.mean[unit.name].to(h) if batches else h.new_zeros(h.shape[1])

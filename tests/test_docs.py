@@ -58,3 +58,14 @@ def test_any_results_csv_renders_by_match(tmp_path, monkeypatch):
     with pytest.raises(docs.DocsError, match=r"0 rows for \{'method': 'adam'\}"):
         docs.lookup("cmp/c.csv", "acc", method="adam")
     docs._csv.cache_clear()
+
+
+def test_wall_time_is_the_last_training_invocations(tmp_path, monkeypatch):
+    (tmp_path / "results" / "s").mkdir(parents=True)
+    (tmp_path / "results" / "s" / "PROVENANCE.md").write_text(
+        "- machine: vm, x86_64, 2 CPUs, python 3.11.7\n- wall time of this invocation: 900 s\n"
+        "- machine: vm, x86_64, 4 CPUs, python 3.11.7\n- wall time of this invocation: 250 s\n- experiment: x (report only)\n")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    assert docs.wall_time("s") == "4 min 10 s on 4 CPUs"
+    with pytest.raises(docs.DocsError, match="results/none/PROVENANCE.md records no wall time"):
+        docs.wall_time("none")

@@ -306,3 +306,22 @@ def test_earlier_overrides_are_repeated_under_the_grids_spelling():
 
     assert current_names(["norm=bnp_agc", "optim.lr=0.1"]) == ["norm=bnp", "grad=agc", "optim.lr=0.1"]
     assert current_names(["norm=lars"]) == ["norm=none", "grad=lars"]
+
+
+def test_an_interrupted_run_with_a_chain_resumes_to_the_uninterrupted_metrics(compose, tmp_path):
+    """Stopped at a checkpoint, a run of BNP, the output-side scale and clipping resumes with every
+    rule's state (BNP's and OutputScale's statistics) and ends where an uninterrupted run ends."""
+    overrides = [*LEGACY_RUN, "norm=bnp", "grad=[outscale,agc]", "optim.lr=0.3"]  # checkpoints at each evaluation (30)
+    run(compose(*overrides), tmp_path / "whole")
+
+    def stop_at_40(trainer):
+        if trainer.step == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(*overrides), tmp_path / "split", progress=stop_at_40)
+    assert run(compose(*overrides), tmp_path / "split")["status"] == "completed"
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "split")]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(rows[1]) == strip(rows[0])

@@ -43,6 +43,17 @@ def _mean_square(d: torch.Tensor, dims: tuple[int, ...], in_place: bool) -> torc
     return squares[0] if squares.shape[0] == 1 and dims == (0,) else squares.mean(dims)
 
 
+def pooled(x: torch.Tensor, spatial_dims: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A layer's input (or output) and the dims its per-feature statistics pool over: (rows,
+    features) for a dense layer (``spatial_dims`` 0), (batch, channels, *spatial) for a convolution
+    (an unbatched (channels, *spatial) input gains its batch dim)."""
+    if spatial_dims == 0:
+        return (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])), (0,)
+    if x.dim() == spatial_dims + 1:
+        x = x.unsqueeze(0)
+    return x, (0, *range(2, x.dim()))
+
+
 def momentum_for(momentum: float | None, samples: int, batches: int = 0, average_start: bool = False) -> float:
     """The weight of a batch of ``samples`` samples (rows of a dense input, or images) folded after
     ``batches`` earlier ones: ``momentum``, or with None min(0.1, samples / 100). With
@@ -200,13 +211,7 @@ class RunningStats:
         """The pending input in the statistics' dtype and the dims to pool: (rows, features) for
         Linear, (batch, channels, *spatial) for convolutions."""
         x = layer.pending
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype)
-        if not layer.dense:
-            if x.dim() == layer.spatial_dims + 1:  # unbatched (C, *spatial)
-                x = x.unsqueeze(0)
-            return x, (0, *range(2, x.dim()))
-        return (x if x.dim() == 2 else x.reshape(-1, layer.features)), (0,)
+        return pooled(x if x.dtype == self.dtype else x.to(self.dtype), layer.spatial_dims)
 
     # ------------------------------------------------------------------ folding
     def fold(self, prepare: bool = False) -> None:
