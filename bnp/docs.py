@@ -119,7 +119,7 @@ def csv_table(path: str, columns: list[str] | None = None, **match: str) -> str:
     t = _csv(path)
     for key, value in match.items():
         t = t[t[key] == str(value)]
-    return t[columns or list(t.columns)].to_markdown(index=False)
+    return t[columns or list(t.columns)].to_markdown(index=False, disable_numparse=True)  # cells as written
 
 
 def records(path: str, **match: str) -> list[dict[str, str]]:
@@ -143,7 +143,8 @@ def lookup(path: str, column: str, **match: str) -> str:
 def wall_time(setting: str) -> str:
     """How long the last invocation that trained ``setting`` took (its PROVENANCE.md's last ``wall
     time of this invocation``), and on what machine, e.g. ``4 min 10 s on 2 CPUs``."""
-    text = (ROOT / "results" / setting / "PROVENANCE.md").read_text() if (ROOT / "results" / setting).is_dir() else ""
+    path = ROOT / "results" / setting / "PROVENANCE.md"
+    text = path.read_text() if path.is_file() else ""
     walls = re.findall(r"^- wall time of this invocation: (\d+) s$", text, re.M)
     cpus = re.findall(r"^- machine: .*?(\d+) CPUs", text, re.M)
     if not walls:

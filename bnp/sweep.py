@@ -204,7 +204,7 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
             for i, (key, side, overrides) in enumerate(batch, start + 1):
                 print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
                       f"{overrides[-2]}", flush=True)
-            failed = _launch([overrides for _, _, overrides in batch], tick)
+            failed = _launch([_into(sweep_dir, overrides) for _, _, overrides in batch], tick)
             for key, side, _ in batch:  # recorded once finished: an interrupted round is planned again
                 entry = extensions.setdefault(key, {"low": 0, "high": 0})
                 entry[side] += 1
@@ -227,10 +227,19 @@ def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | 
         for i, (key, overrides) in enumerate(batch, start + 1):
             print(f"[experiment {label}] {what} {i}/{len(plans)}: {key} at {overrides[-2]}: {overrides[-1]}",
                   flush=True)
-        failed = _launch([overrides for _, overrides in batch], tick)
+        failed = _launch([_into(sweep_dir, overrides) for _, overrides in batch], tick)
         if failed:
             raise subprocess.CalledProcessError(1, failed[0])
     return len(plans)
+
+
+def _into(sweep_dir: Path, overrides: list[str]) -> list[str]:
+    """``overrides`` with the runs going into ``sweep_dir``: a setting's earlier runs may come from a
+    sweep of another name (merged from its archive), and their ``name=`` must not send new runs there."""
+    out_root = Path(sweep_dir).parent.parent
+    if out_root.is_relative_to(ROOT):
+        out_root = out_root.relative_to(ROOT)
+    return _merged(overrides, [f"name={Path(sweep_dir).name}", f"out_root={out_root}"])
 
 
 # the smoke profile every experiment shares: offline data, a handful of steps, no W&B
@@ -284,7 +293,7 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
                         "then bracket again: each lr is chosen over all of them")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=mnist; "
                         "one of a grid's keys replaces its values, e.g. norm=none,bnp")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # a setting's overrides, then the user's options and overrides
     sweep_name = (args.name or name + (f"_{args.suffix}" if args.suffix else "")) + ("_smoke" if args.smoke else "")
     launcher = args.launcher or ("basic" if args.smoke else "local")
     if args.smoke:

@@ -6,8 +6,8 @@ input covariance, Adam, Shampoo, SOAP, Muon and PSGD-Kron buy, and at what step 
     python experiments/preconditioners.py --smoke          # tiny offline variant (digits)
 
 The MLP 784-256-256-256-10 on Fashion-MNIST at batch 1, 8 and 128, and the fc-head CNN 16-16-32-32 at
-batch 128. Batch 128 trains 2 epochs (938 steps); batch 8 and 1 train the same number of updates
-(1000 steps, SMALL_BATCH), because 2 epochs at batch 1 are 120,000 steps and Shampoo takes about
+batch 128. Batch 128 trains 2 epochs (842 steps); batch 8 and 1 train the same number of updates
+(1000 steps, SMALL_BATCH), because 2 epochs at batch 1 are 108,000 steps and Shampoo takes about
 0.13 s a step on one CPU core (results/bench/optimizers-cpu.md): the comparison is of what each
 method does with a fixed number of updates. With the time for it, `train.steps=null
 train.eval_every=null --name preconditioners-2ep` trains 2 epochs at every batch size. Methods (norm + optimizer): sgd (none + sgd), sgd+bnp, sgd+full (the

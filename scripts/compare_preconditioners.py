@@ -22,8 +22,9 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PRECONDITIONER = {"none": "", "bnp": "+bnp", "bnp_full": "+full"}
 MODEL_KIND = {"mlp": "MLP", "cnn": "CNN"}  # table's model label -> the benchmark's
-COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "vs_sgd",
+COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "acc_mean", "vs_sgd",
            "prequential_acc", "steps_to_0.85", "step_time_ratio", "dominated_by"]
+TIMING_TOLERANCE = 0.1  # step-time ratios within 10% count as equal cost: repeated benchmark runs move them that much
 
 
 def mean(cell: str) -> float:
@@ -31,6 +32,12 @@ def mean(cell: str) -> float:
         return float(str(cell).split("±")[0])
     except ValueError:
         return float("nan")
+
+
+def spread(cell: str) -> float:
+    """The ± part of a ``mean ± std`` cell (0 for a single seed)."""
+    parts = str(cell).split("±")
+    return float(parts[1]) if len(parts) == 2 else 0.0
 
 
 def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
@@ -42,21 +49,24 @@ def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(["sgd", "sgd+bnp", "sgd+full", "adam", "adam+bnp", "shampoo", "soap",
                                          "muon", "kron"])}
     rows = rows.assign(_order=rows["method"].map(order)).sort_values(["model", "batch_size", "_order"])
-    rows["_acc"] = rows["test_acc"].map(mean)
-    sgd = rows[rows["method"] == "sgd"].set_index(["model", "batch_size"])["_acc"]
-    rows["vs_sgd"] = [f"{100 * (a - sgd.get((m, b), float('nan'))):+.1f}"
-                      for m, b, a in rows[["model", "batch_size", "_acc"]].itertuples(index=False)]
-    rows["dominated_by"] = [", ".join(dominating(rows, row)) for _, row in rows.iterrows()]
+    rows["acc_mean"] = rows["test_acc"].map(mean)
+    sgd = rows[rows["method"] == "sgd"].set_index(["model", "batch_size"])["acc_mean"]
+    rows["vs_sgd"] = [f"{100 * (a - sgd[(m, b)]):+.1f}" if (m, b) in sgd.index else "n/a"
+                      for m, b, a in rows[["model", "batch_size", "acc_mean"]].itertuples(index=False)]
+    rows["dominated_by"] = [", ".join(dominating(rows, row)) if row["step_time_ratio"] == row["step_time_ratio"]
+                            else "n/a (no step time)" for _, row in rows.iterrows()]
     return rows[[c for c in COLUMNS if c in rows.columns]].reset_index(drop=True)
 
 
 def dominating(rows: pd.DataFrame, row: pd.Series) -> list[str]:
     """The methods of the same model and batch size that are at least as accurate (mean test
-    accuracy) at no more step cost, one of the two strictly: the ones that make ``row`` a bad buy."""
+    accuracy) at no more step cost (within TIMING_TOLERANCE), one of the two strictly: the ones that
+    make ``row`` a bad buy."""
     peers = rows[(rows["model"] == row["model"]) & (rows["batch_size"] == row["batch_size"])
                  & (rows["method"] != row["method"])]
-    better = peers[(peers["_acc"] >= row["_acc"]) & (peers["step_time_ratio"] <= row["step_time_ratio"])
-                   & ((peers["_acc"] > row["_acc"]) | (peers["step_time_ratio"] < row["step_time_ratio"]))]
+    cost, acc = peers["step_time_ratio"], peers["acc_mean"]
+    better = peers[(acc >= row["acc_mean"]) & (cost <= row["step_time_ratio"] * (1 + TIMING_TOLERANCE))
+                   & ((acc > row["acc_mean"]) | (cost < row["step_time_ratio"]))]
     return list(better["method"])
 
 
@@ -67,14 +77,14 @@ def figure(frame: pd.DataFrame, out: Path) -> None:
         for _, row in group.iterrows():
             acc = mean(row["test_acc"])
             color = "#d62728" if "bnp" in row["method"] or "full" in row["method"] else "#1f77b4"
-            ax.scatter(row["step_time_ratio"], acc, color=color)
+            ax.errorbar(row["step_time_ratio"], acc, yerr=spread(row["test_acc"]), fmt="o", color=color, capsize=2)
             ax.annotate(row["method"], (row["step_time_ratio"], acc), fontsize=7, xytext=(3, 2),
                         textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("step time / plain SGD's (same process)")
+        ax.set_xlabel("step time / plain SGD's (one benchmark process)")
         ax.set_title(f"{model}, batch {batch}")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (mean over seeds)")
+    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=130)
 
@@ -89,9 +99,9 @@ def main() -> None:
     command = "python scripts/compare_preconditioners.py"
     (args.results / "comparison.md").write_text(
         f"Made by `{command}` from `table.csv` and `{args.bench.relative_to(ROOT)}`.\n\n"
-        + frame.fillna("n/a").to_markdown(index=False) + "\n")
+        + frame.fillna("n/a").to_markdown(index=False, disable_numparse=True) + "\n")
     figure(frame, args.results / "accuracy_vs_cost.png")
-    print(frame.fillna("n/a").to_markdown(index=False))
+    print(frame.fillna("n/a").to_markdown(index=False, disable_numparse=True))
 
 
 if __name__ == "__main__":

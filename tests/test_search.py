@@ -66,6 +66,18 @@ def test_extensions_go_one_grid_step_beyond_the_winning_edge_with_the_same_seeds
     assert planned(everything_diverged)[0][2][-2] == "optim.lr=0.003"  # ties go down
 
 
+def test_new_runs_of_a_merged_setting_go_into_its_sweep_not_their_earlier_ones(tmp_path):
+    """A setting's runs may come from sweeps of other names (merged from its archive): repeating one
+    at another lr or seed runs it into the setting's own sweep directory."""
+    from bnp.sweep import _into
+
+    earlier = ["experiment=resnet", "name=resnet_variants_6ep", "out_root=outputs", "norm=gn", "optim.lr=0.3",
+               "train.seed=0"]
+    assert _into(ROOT / "outputs" / "sweeps" / "resnet20-b128-6ep", earlier) == [
+        "experiment=resnet", "norm=gn", "optim.lr=0.3", "train.seed=0", "name=resnet20-b128-6ep", "out_root=outputs"]
+    assert _into(tmp_path / "sweeps" / "s", earlier)[-2:] == ["name=s", f"out_root={tmp_path}"]
+
+
 @pytest.mark.slow  # ~90 s of Hydra launches; the mlp_batch_size smoke test brackets through the driver too
 def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
     """Through the experiment driver: the extensions run, are recorded, reported and not rerun."""
