@@ -24,9 +24,9 @@ SMOKE_GRIDS = [{"model.head": HEADS, "norm": NORMS, "train.batch_size": "8", "op
 SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8]"]  # on top of bnp.sweep.SMOKE
 SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
     "cnn-gap-b128-2ep": ["--grids", "1", "model.head=gap"],
-    "cnn-gap-b8-1ep": ["--grids", "2", "model.head=gap"],
+    "cnn-gap-b8-1ep": ["--grids", "2", "--all-seeds", "0,1,2", "model.head=gap"],
     "cnn-fc-b128-2ep": ["--grids", "1", "model.head=fc"],
-    "cnn-fc-b8-1ep": ["--grids", "2", "model.head=fc"],
+    "cnn-fc-b8-1ep": ["--grids", "2", "--all-seeds", "0,1,2", "model.head=fc"],
 }
 
 if __name__ == "__main__":

@@ -115,10 +115,10 @@ def test_every_results_setting_is_declared_by_an_experiment_and_has_a_make_targe
 def test_a_setting_runs_with_its_declared_arguments(tmp_path):
     """--setting NAME expands to the setting's arguments and --name NAME (here: its smoke variant); the
     user's options and overrides follow the setting's own overrides."""
-    proc = subprocess.run([sys.executable, "-m", "bnp.setting", "cnn-fc-b8-1ep", "--smoke", "--out-root", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "bnp.setting", "cnn-fc-b128-2ep", "--smoke", "--out-root", str(tmp_path),
                            "--results", str(tmp_path / "results"), "optim.momentum=0.5"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "sweeps" / "cnn-fc-b8-1ep_smoke").is_dir()
-    overrides = " ".join(p.name for p in (tmp_path / "sweeps" / "cnn-fc-b8-1ep_smoke").iterdir())
+    assert (tmp_path / "sweeps" / "cnn-fc-b128-2ep_smoke").is_dir()
+    overrides = " ".join(p.name for p in (tmp_path / "sweeps" / "cnn-fc-b128-2ep_smoke").iterdir())
     assert "model.head=fc" in overrides and "optim.momentum=0.5" in overrides
