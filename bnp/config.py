@@ -121,10 +121,7 @@ class NormConfig:
 
 
 def _positive(field_name: str, value: float) -> None:
-    try:
-        options.check_positive("", field_name, value)
-    except ValueError:
-        _check(field_name, False, "a finite number > 0", value)
+    _check(field_name, options.is_positive(value), "a finite number > 0", value)
 
 
 @dataclass

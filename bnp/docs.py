@@ -113,28 +113,29 @@ def _csv(path: str) -> pd.DataFrame:
     return pd.read_csv(full, dtype=str, keep_default_na=False)
 
 
-def csv_table(path: str, columns: list[str] | None = None, **match: str) -> str:
-    """Any CSV under results/ (e.g. ``preconditioners/comparison.csv``) as markdown: the rows whose
-    columns equal ``match`` (``batch_size="8"``), the ``columns`` given."""
+def _matching(path: str, **match: str) -> pd.DataFrame:
+    """The rows of a CSV under results/ whose columns equal ``match`` (values compared as written)."""
     t = _csv(path)
     for key, value in match.items():
         t = t[t[key] == str(value)]
+    return t
+
+
+def csv_table(path: str, columns: list[str] | None = None, **match: str) -> str:
+    """Any CSV under results/ (e.g. ``preconditioners/comparison.csv``) as markdown: the rows whose
+    columns equal ``match`` (``batch_size="8"``), the ``columns`` given."""
+    t = _matching(path, **match)
     return t[columns or list(t.columns)].to_markdown(index=False, disable_numparse=True)  # cells as written
 
 
 def records(path: str, **match: str) -> list[dict[str, str]]:
     """The rows of a CSV under results/ whose columns equal ``match``, as dicts (for loops in a template)."""
-    t = _csv(path)
-    for key, value in match.items():
-        t = t[t[key] == str(value)]
-    return t.to_dict("records")
+    return _matching(path, **match).to_dict("records")
 
 
 def lookup(path: str, column: str, **match: str) -> str:
     """One cell of a CSV under results/: the one row whose columns equal ``match``."""
-    t = _csv(path)
-    for key, value in match.items():
-        t = t[t[key] == str(value)]
+    t = _matching(path, **match)
     if len(t) != 1 or column not in t.columns:
         raise DocsError(f"results/{path}: {len(t)} rows for {match} (column {column!r})")
     return t.iloc[0][column]

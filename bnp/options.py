@@ -21,7 +21,7 @@ def problems(momentum: Any = None, eps: Any = 0.01, warmup: Any = 0, moments: An
     found = []
     if momentum is not None and not (_number(momentum) and 0 < momentum <= 1):
         found.append(("momentum", "None (auto: min(0.1, batch size / 100)) or a number in (0, 1]", momentum))
-    if not (_number(eps) and eps > 0 and math.isfinite(eps)):
+    if not is_positive(eps):
         found.append(("eps", "a finite number > 0", eps))
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         found.append(("warmup", "an integer >= 0 (steps)", warmup))
@@ -35,9 +35,13 @@ def problems(momentum: Any = None, eps: Any = 0.01, warmup: Any = 0, moments: An
     return found
 
 
-def check_positive(where: str, name: str, value: Any) -> None:
+def is_positive(value: Any) -> bool:
     """A finite number > 0 (clip, trust, eps of the gradient rules)."""
-    if not (_number(value) and value > 0 and math.isfinite(value)):
+    return _number(value) and value > 0 and math.isfinite(value)
+
+
+def check_positive(where: str, name: str, value: Any) -> None:
+    if not is_positive(value):
         raise ValueError(f"{where}{name} must be a finite number > 0, got {value!r}")
 
 

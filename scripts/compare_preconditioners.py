@@ -75,7 +75,7 @@ def figure(frame: pd.DataFrame, out: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, ((model, batch), group) in zip(axes[0], panels):
         for _, row in group.iterrows():
-            acc = mean(row["test_acc"])
+            acc = row["acc_mean"]
             color = "#d62728" if "bnp" in row["method"] or "full" in row["method"] else "#1f77b4"
             ax.errorbar(row["step_time_ratio"], acc, yerr=spread(row["test_acc"]), fmt="o", color=color, capsize=2)
             ax.annotate(row["method"], (row["step_time_ratio"], acc), fontsize=7, xytext=(3, 2),
