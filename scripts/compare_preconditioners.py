@@ -21,7 +21,6 @@ import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECONDITIONER = {"none": "", "bnp": "+bnp", "bnp_full": "+full"}
-MODEL_KIND = {"mlp": "MLP", "cnn": "CNN"}  # table's model label -> the benchmark's
 COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "acc_mean", "vs_sgd",
            "prequential_acc", "steps_to_0.85", "step_time_ratio", "dominated_by"]
 TIMING_TOLERANCE = 0.1  # step-time ratios within 10% count as equal cost: repeated benchmark runs move them that much
@@ -40,11 +39,16 @@ def spread(cell: str) -> float:
     return float(parts[1]) if len(parts) == 2 else 0.0
 
 
+def kind(model: str) -> str:
+    """The model family and head a table label ("cnn-fc 16-32") and a benchmark label ("CNN-fc 16-16-32-32,
+    1x28x28") share: their first word, upper-cased."""
+    return model.split()[0].upper()
+
+
 def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     rows = table.assign(method=table["optim"] + table["norm"].map(PRECONDITIONER))
-    bench = bench.assign(kind=bench["model"].str.split().str[0].str.upper().str[:3])
-    ratios = {(kind, int(b), m): r for kind, b, m, r in bench[["kind", "batch", "method", "ratio"]].itertuples(index=False)}
-    rows["step_time_ratio"] = [ratios.get((MODEL_KIND.get(model.split()[0], "?"), int(b), m), float("nan"))
+    ratios = {(kind(model), int(b), m): r for model, b, m, r in bench[["model", "batch", "method", "ratio"]].itertuples(index=False)}
+    rows["step_time_ratio"] = [ratios.get((kind(model), int(b), m), float("nan"))
                                for model, b, m in rows[["model", "batch_size", "method"]].itertuples(index=False)]
     order = {m: i for i, m in enumerate(["sgd", "sgd+bnp", "sgd+full", "adam", "adam+bnp", "shampoo", "soap",
                                          "muon", "kron"])}

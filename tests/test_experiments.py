@@ -37,7 +37,7 @@ def run_smoke(name, out_root, results, *extra):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-END_TO_END = {"mlp_batch_size"}  # the default suite runs this one; make test-all runs every one
+END_TO_END = {"quickstart"}  # the default suite runs this one (`make run`'s, the smallest); make test-all runs every one
 
 
 @pytest.mark.parametrize("name", [n if n in END_TO_END else pytest.param(n, marks=pytest.mark.slow)
@@ -116,9 +116,10 @@ def test_a_setting_runs_with_its_declared_arguments(tmp_path):
     """--setting NAME expands to the setting's arguments and --name NAME (here: its smoke variant); the
     user's options and overrides follow the setting's own overrides."""
     proc = subprocess.run([sys.executable, "-m", "bnp.setting", "cnn-fc-b128-2ep", "--smoke", "--out-root", str(tmp_path),
-                           "--results", str(tmp_path / "results"), "optim.momentum=0.5"], cwd=ROOT, capture_output=True, text=True,
+                           "--results", str(tmp_path / "results"), "optim.momentum=0.5", "norm=bnp"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "sweeps" / "cnn-fc-b128-2ep_smoke").is_dir()
     overrides = " ".join(p.name for p in (tmp_path / "sweeps" / "cnn-fc-b128-2ep_smoke").iterdir())
-    assert "model.head=fc" in overrides and "optim.momentum=0.5" in overrides
+    assert "model.head=fc" in overrides and "optim.momentum=0.5" in overrides and "norm=bnp" in overrides
+    assert "model.head=gap" not in overrides and "norm=none" not in overrides  # the user's norm replaced the grid's

@@ -94,7 +94,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 # ------------------------------------------------------------------ kills and resumes
-@pytest.mark.parametrize("kill_at", [0, 50, 150])
+@pytest.mark.parametrize("kill_at", [0, pytest.param(50, marks=pytest.mark.slow), 150])
 def test_killed_anywhere_resumes_to_the_uninterrupted_metrics(tmp_path, reference, kill_at):
     """Killed after the step-0 evaluation (before any train step), before the first evaluation's
     checkpoint (only step 0's exists), and between two checkpoints."""

@@ -113,3 +113,29 @@ def test_provenance_names_the_checkouts_paths_relative_to_it():
     command = f"python -m bnp.train -m out_root={ROOT}/outputs name=x --results {ROOT}/results/x --cwd {ROOT}"
     assert relative(command) == "python -m bnp.train -m out_root=outputs name=x --results results/x --cwd ."
     assert relative("out_root=/tmp/elsewhere") == "out_root=/tmp/elsewhere"  # other places stay as they are
+
+
+def test_preconditioner_comparison_finds_each_models_step_time_and_dominance():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "compare_preconditioners.py"
+    spec = importlib.util.spec_from_file_location("compare_preconditioners", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = pd.DataFrame([
+        {"model": model, "batch_size": 128, "norm": norm, "optim": optim, "lr": 0.1, "lr_bracket": "interior",
+         "seeds": 3, "chosen_on": 3, "test_acc": acc}
+        for model in ("mlp 3x256", "cnn-fc 16-32")
+        for norm, optim, acc in (("none", "sgd", "0.80 ± 0.01"), ("bnp", "sgd", "0.85 ± 0.01"),
+                                 ("none", "shampoo", "0.84 ± 0.01"))])
+    bench = pd.DataFrame([
+        {"model": model, "batch": 128, "method": method, "ratio": ratio}
+        for model, ratios in (("MLP 784-256-256-256-10", (1.0, 1.3, 67.0)), ("CNN-fc 16-16-32-32, 1x28x28", (1.0, 1.1, 14.0)))
+        for method, ratio in zip(("sgd", "sgd+bnp", "shampoo"), ratios)])
+    frame = module.comparison(table, bench).set_index(["model", "method"])
+    assert frame.loc[("cnn-fc 16-32", "sgd+bnp"), "step_time_ratio"] == 1.1
+    assert frame.loc[("mlp 3x256", "shampoo"), "step_time_ratio"] == 67.0
+    assert frame.loc[("cnn-fc 16-32", "sgd+bnp"), "vs_sgd"] == "+5.0"
+    assert frame.loc[("cnn-fc 16-32", "shampoo"), "dominated_by"] == "sgd+bnp"  # less accurate at 13x the cost
+    assert frame.loc[("cnn-fc 16-32", "sgd+bnp"), "dominated_by"] == ""

@@ -188,6 +188,7 @@ bnp.train.run(cfg, run_dir, progress=kill)
 """
 
 
+@pytest.mark.slow  # the default suite kills and resumes through the CLI in tests/test_faults.py
 def test_resume_after_sigkill_gives_the_uninterrupted_metrics(tmp_path):
     # a healthy run (BNP at batch size 1 at a learning rate that suits it); the victim kills itself at
     # a log point between two checkpoints, so the resumed run must also drop the rows written after
