@@ -2,7 +2,7 @@
 the variants of its statistics (configs/norm/bnp_<variant>.yaml) and the gradient rules after it
 (configs/grad) against BatchNorm on the GAP CNN of experiments/cnn.py (16-16-32-32, Fashion-MNIST,
 plain SGD, 2 epochs) at batch size 32 (3,374 steps); screened on one seed, every learning rate
-bracketed, per-layer instruments logged.
+bracketed, then every lr tried run on 3 seeds (--all-seeds); per-layer instruments logged.
 
     python -m bnp.setting cnn-gap-b32-2ep         # -> results/cnn-gap-b32-2ep
     python experiments/bnp_variants.py --smoke    # tiny offline variant (digits)
@@ -25,7 +25,7 @@ SMOKE_GRIDS = [{"norm": f"none,bn,{VARIANTS}", "optim.lr": "0.01", "train.seed":
                {"norm": "bnp,none", "grad": "outscale,agc", "optim.lr": "0.01", "train.seed": "0"}]
 SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8]", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE
 SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
-    "cnn-gap-b32-2ep": [],
+    "cnn-gap-b32-2ep": ["--all-seeds", "0,1,2"],
 }
 
 if __name__ == "__main__":

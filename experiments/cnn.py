@@ -25,7 +25,7 @@ SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "m
 SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
     "cnn-gap-b128-2ep": ["--grids", "1", "model.head=gap"],
     "cnn-gap-b8-1ep": ["--grids", "2", "--all-seeds", "0,1,2", "model.head=gap"],
-    "cnn-fc-b128-2ep": ["--grids", "1", "model.head=fc"],
+    "cnn-fc-b128-2ep": ["--grids", "1", "--all-seeds", "0,1,2", "model.head=fc"],
     "cnn-fc-b8-1ep": ["--grids", "2", "--all-seeds", "0,1,2", "model.head=fc"],
 }
 

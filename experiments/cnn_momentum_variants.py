@@ -2,7 +2,8 @@
 (experiment=cnn_momentum, batch 128), does a BNP variant come within 1 point of BatchNorm? The paper's
 BNP, BNP with unit-wise adaptive clipping (bnp+agc), BNP with a layer-wise trust ratio (bnp+lars) and,
 as controls, the same clipping and trust ratio without preconditioning (none+agc, none+lars) against
-BatchNorm; screened on one seed, every learning rate bracketed, per-layer instruments logged.
+BatchNorm; screened on one seed, every learning rate bracketed, then every lr tried run on 3 seeds
+(--all-seeds); per-layer instruments logged.
 
     python -m bnp.setting cnn-gap-b128-6ep-momentum       # cnn_momentum.py, then this file
     python experiments/cnn_momentum_variants.py --smoke   # tiny offline variant (digits)
@@ -25,7 +26,7 @@ SMOKE_GRIDS = [{"norm": "bn,bnp", "optim.lr": "0.01", "train.seed": "0"},
                {"norm": "bnp,none", "grad": "agc,lars", "optim.lr": "0.01", "train.seed": "0"}]
 SMOKE_FIXED = ["train.steps=20", "train.eval_every=10", "train.log_every=10", "model.channels=[4,8]", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE
 SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
-    "cnn-gap-b128-6ep-momentum": ["--bracket-cap", "2"],
+    "cnn-gap-b128-6ep-momentum": ["--bracket-cap", "2", "--all-seeds", "0,1,2"],
 }
 
 if __name__ == "__main__":

@@ -2,22 +2,18 @@
 schedule), is the best BNP-family configuration within 1 point of BatchNorm at batch 128, and ahead of
 BatchNorm and GroupNorm at batch 8? BatchNorm, GroupNorm, the paper's BNP, BNP with unit-wise adaptive
 clipping (norm=bnp grad=agc: bnp+agc) and clipping alone (norm=none grad=agc: the control), the
-layer-wise trust ratio with and without BNP, against no normalization; 3 seeds, every learning rate
-bracketed, per-layer instruments logged.
+layer-wise trust ratio with and without BNP, against no normalization; screened on seed 0, every
+learning rate bracketed, then every lr tried run on 3 seeds (--all-seeds); per-layer instruments logged.
 
-    python experiments/resnet_variants.py --name resnet20-b128-2ep --grids 1,2,3,4,5,9    # -> results/resnet20-b128-2ep
-    python experiments/resnet_variants.py --name resnet20-b8-2ep --grids 6,7,8,10            # -> results/resnet20-b8-2ep
+    python -m bnp.setting resnet20-b128-2ep       # SETTINGS below -> results/resnet20-b128-2ep
+    python -m bnp.setting resnet20-b8-2ep         # batch 8
     python experiments/resnet_variants.py --smoke              # tiny offline variant (digits)
 
-Is BNP + clipping's result robust? Two settings of their own, each screened on seed 0, bracketed,
-then every lr tried run over 3 seeds (--all-seeds):
+Is BNP + clipping's result robust? Two settings of their own: the projection-shortcut ResNet-20
+(1x1 convolutions where the shape changes) at 2 epochs, and today's form at 3x the budget:
 
-    # the projection-shortcut ResNet-20 (1x1 convolutions where the shape changes), 2 epochs
-    python experiments/resnet_variants.py --name resnet20proj-b128-2ep --grids 1,2,5 --bracket-cap 2 \
-        --all-seeds 0,1,2 --launcher basic model.shortcut=projection train.seed=0 train.threads=1
-    # today's form at 3x the budget
-    python experiments/resnet_variants.py --name resnet20-b128-6ep --grids 1,2 --bracket-cap 2 \
-        --all-seeds 0,1,2 --launcher basic train.epochs=6 train.seed=0 train.threads=1
+    python -m bnp.setting resnet20proj-b128-2ep train.threads=1
+    python -m bnp.setting resnet20-b128-6ep train.threads=1
 
 Each results directory's PROVENANCE.md lists the invocations that made its runs, and its
 sweep.tar.gz the runs themselves: add --restore to finish a sweep on another machine. Runs made
@@ -54,8 +50,8 @@ SMOKE_GRIDS = [{"norm": "bn,gn,bnp", "optim.lr": "0.003", "train.seed": "0"},
                {"norm": "bnp", "grad": "agc", "train.batch_size": "8", "optim.lr": "0.003", "train.seed": "0"}]
 SMOKE_FIXED = []  # on top of bnp.sweep.SMOKE
 SETTINGS = {  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make fig-NAME)
-    "resnet20-b128-2ep": ["--grids", "1,2,3,4,5,9", "--bracket-cap", "2"],
-    "resnet20-b8-2ep": ["--grids", "6,7,8,10", "--bracket-cap", "2"],
+    "resnet20-b128-2ep": ["--grids", "1,2,3,4,5,9", "--bracket-cap", "2", "--all-seeds", "0,1,2"],
+    "resnet20-b8-2ep": ["--grids", "6,7,8,10", "--bracket-cap", "2", "--all-seeds", "0,1,2"],
     "resnet20-b128-6ep": ["--grids", "1,2", "--bracket-cap", "2", "--all-seeds", "0,1,2", "train.epochs=6", "train.seed=0"],
     "resnet20proj-b128-2ep": ["--grids", "1,2,5", "--bracket-cap", "2", "--all-seeds", "0,1,2", "model.shortcut=projection", "train.seed=0"],
 }
