@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = "sweep.tar.gz"  # the finished runs, beside the report (bnp.archive)
 # a run's overrides that a new multirun sets itself; ``sweeper``: the new runs are a grid, not an Optuna study
 NOT_REPEATED = ("optim.lr", "train.seed", "sweeper")
+# how a run executes, not what it trains (none names a run's directory): the driver's bracketing and
+# seeding multiruns take these from its own invocation, not from the earlier runs they repeat
+EXECUTION = ("launcher", "hydra.launcher.n_jobs", "train.threads", "train.device")
 
 
 def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
@@ -187,11 +190,12 @@ class ArchiveKeeper:
             print(f"[experiment] warning: could not save {self.archive}: {err}", file=sys.stderr, flush=True)
 
 
-def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = None, tick=None) -> dict:
+def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = None, tick=None,
+            execution: list[str] = ()) -> dict:
     """Extend edge learning rates until each choice is bracketed (see the module doc); returns the
     record of extensions, also kept in ``<sweep dir>/bracket.json``. The extensions of one round run
     side by side, as many at once as leave each seed a CPU (``parallel`` overrides); ``tick`` as in
-    ``wait``."""
+    ``wait``; ``execution``: overrides of EXECUTION keys that replace the repeated runs' own."""
     extensions = read_extensions(sweep_dir)
     while True:
         runs, _ = load_runs(sweep_dir)
@@ -204,7 +208,7 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
             for i, (key, side, overrides) in enumerate(batch, start + 1):
                 print(f"[experiment {label}] bracketing {i}/{len(plans)}: {key} at its {side} edge -> "
                       f"{overrides[-2]}", flush=True)
-            failed = _launch([_into(sweep_dir, overrides) for _, _, overrides in batch], tick)
+            failed = _launch([_into(sweep_dir, overrides, execution) for _, _, overrides in batch], tick)
             for key, side, _ in batch:  # recorded once finished: an interrupted round is planned again
                 entry = extensions.setdefault(key, {"low": 0, "high": 0})
                 entry[side] += 1
@@ -215,9 +219,10 @@ def bracket(sweep_dir: Path, cap: int, label: str = "", parallel: int | None = N
 
 
 def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | None = None, tick=None,
-            every_lr: bool = False) -> int:
+            every_lr: bool = False, execution: list[str] = ()) -> int:
     """Run ``seeds`` at each setting's chosen lr where it lacks some (``plan_confirmations``; with
-    ``every_lr`` at every lr it tried); returns how many multiruns ran. Side by side as in ``bracket``."""
+    ``every_lr`` at every lr it tried); returns how many multiruns ran. Side by side and with
+    ``execution`` as in ``bracket``."""
     runs, _ = load_runs(sweep_dir)
     plans = plan_confirmations(runs, seeds, every_lr)
     at_once = _at_once([overrides for _, overrides in plans], parallel)
@@ -227,19 +232,20 @@ def confirm(sweep_dir: Path, seeds: list[int], label: str = "", parallel: int | 
         for i, (key, overrides) in enumerate(batch, start + 1):
             print(f"[experiment {label}] {what} {i}/{len(plans)}: {key} at {overrides[-2]}: {overrides[-1]}",
                   flush=True)
-        failed = _launch([_into(sweep_dir, overrides) for _, overrides in batch], tick)
+        failed = _launch([_into(sweep_dir, overrides, execution) for _, overrides in batch], tick)
         if failed:
             raise subprocess.CalledProcessError(1, failed[0])
     return len(plans)
 
 
-def _into(sweep_dir: Path, overrides: list[str]) -> list[str]:
+def _into(sweep_dir: Path, overrides: list[str], execution: list[str] = ()) -> list[str]:
     """``overrides`` with the runs going into ``sweep_dir``: a setting's earlier runs may come from a
-    sweep of another name (merged from its archive), and their ``name=`` must not send new runs there."""
+    sweep of another name (merged from its archive), and their ``name=`` must not send new runs there;
+    ``execution`` (EXECUTION keys) replaces how the earlier runs executed."""
     out_root = Path(sweep_dir).parent.parent
     if out_root.is_relative_to(ROOT):
         out_root = out_root.relative_to(ROOT)
-    return _merged(overrides, [f"name={Path(sweep_dir).name}", f"out_root={out_root}"])
+    return _merged(_merged(overrides, list(execution)), [f"name={Path(sweep_dir).name}", f"out_root={out_root}"])
 
 
 # the smoke profile every experiment shares: offline data, a handful of steps, no W&B
@@ -315,6 +321,8 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
             parser.error(f"--restore: no archive at {archive} (it is written with each report)")
         written, kept = restore(archive, sweep_dir)
         print(f"[experiment {sweep_name}] restored {archive}: {written} runs written, {kept} kept", flush=True)
+    # the follow-up multiruns execute as this invocation does (its launcher runs a multirun's seeds side by side)
+    execution = [f"launcher={launcher}", *(o for o in args.overrides if o.split("=", 1)[0].lstrip("+") in EXECUTION)]
     started = time.time()
     try:
         if not args.report_only:
@@ -325,13 +333,13 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
                     raise subprocess.CalledProcessError(code, cmd)
             cap = args.bracket_cap if args.bracket_cap is not None else (1 if args.smoke else 3)
             if cap > 0:
-                bracket(sweep_dir, cap, sweep_name, tick=keep)
+                bracket(sweep_dir, cap, sweep_name, tick=keep, execution=execution)
             if args.all_seeds:  # every lr on every seed; extensions after it run on all of them
-                confirm(sweep_dir, args.all_seeds, sweep_name, tick=keep, every_lr=True)
+                confirm(sweep_dir, args.all_seeds, sweep_name, tick=keep, every_lr=True, execution=execution)
                 if cap > 0:
-                    bracket(sweep_dir, cap, sweep_name, tick=keep)
+                    bracket(sweep_dir, cap, sweep_name, tick=keep, execution=execution)
             if args.confirm_seeds:
-                confirm(sweep_dir, args.confirm_seeds, sweep_name, tick=keep)
+                confirm(sweep_dir, args.confirm_seeds, sweep_name, tick=keep, execution=execution)
         report(sweep_dir, results, target, argv=[str(sweep_dir), "--out", str(results), "--target", str(target)])
     finally:  # also on an error or Ctrl-C: every run finished by then is kept
         keep(final=True)

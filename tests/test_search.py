@@ -76,9 +76,14 @@ def test_new_runs_of_a_merged_setting_go_into_its_sweep_not_their_earlier_ones(t
     assert _into(ROOT / "outputs" / "sweeps" / "resnet20-b128-6ep", earlier) == [
         "experiment=resnet", "norm=gn", "optim.lr=0.3", "train.seed=0", "name=resnet20-b128-6ep", "out_root=outputs"]
     assert _into(tmp_path / "sweeps" / "s", earlier)[-2:] == ["name=s", f"out_root={tmp_path}"]
+    # how the new runs execute comes from the invocation that repeats them, not from the earlier runs
+    earlier = ["experiment=cnn", "launcher=basic", "train.threads=4", "norm=bn", "optim.lr=0.1", "train.seed=1,2"]
+    assert _into(tmp_path / "sweeps" / "s", earlier, ["launcher=local", "train.threads=1"]) == [
+        "experiment=cnn", "norm=bn", "optim.lr=0.1", "train.seed=1,2", "launcher=local", "train.threads=1", "name=s",
+        f"out_root={tmp_path}"]
 
 
-@pytest.mark.slow  # ~90 s of Hydra launches; the mlp_batch_size smoke test brackets through the driver too
+@pytest.mark.slow  # ~90 s of Hydra launches; the quickstart's smoke test brackets through the driver too
 def test_driver_extends_edge_learning_rates_until_bracketed(tmp_path):
     """Through the experiment driver: the extensions run, are recorded, reported and not rerun."""
     code = (
