@@ -94,6 +94,19 @@ def evidence(setting: str, *norms: str, batch_size: int | None = None) -> str:
             + f", lr {'/'.join(brackets)}")
 
 
+def screened(*settings: str) -> str:
+    """The rows of these settings whose lr was chosen on fewer seeds than it then ran on (a one-seed
+    screen), e.g. ``bnp+agc and none+agc (cnn-gap-b32-2ep)``; empty when every choice used all seeds."""
+    parts = []
+    for setting in settings:
+        t = _table(setting)
+        if "chosen_on" in t.columns:
+            norms = [r["norm"] for _, r in t.iterrows() if r["chosen_on"] and float(r["chosen_on"]) < float(r["seeds"])]
+            if norms:
+                parts.append(f"{', '.join(norms)} ({setting})")
+    return "; ".join(parts)
+
+
 def table(setting: str, columns: list[str] | None = None, norms: list[str] | None = None) -> str:
     """A setting's table (selected columns and methods) as markdown."""
     t = _table(setting)
@@ -157,8 +170,8 @@ def wall_time(setting: str) -> str:
 def render(name: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, csv_table=csv_table,
-                       lookup=lookup, records=records, wall_time=wall_time)
+    env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, screened=screened,
+                       csv_table=csv_table, lookup=lookup, records=records, wall_time=wall_time)
     try:
         text = env.get_template(f"{name}.md.j2").render()
     except jinja2.TemplateNotFound:

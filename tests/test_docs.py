@@ -69,3 +69,14 @@ def test_wall_time_is_the_last_training_invocations(tmp_path, monkeypatch):
     assert docs.wall_time("s") == "4 min 10 s on 4 CPUs"
     with pytest.raises(docs.DocsError, match="results/none/PROVENANCE.md records no wall time"):
         docs.wall_time("none")
+
+
+def test_screened_names_the_rows_whose_lr_was_chosen_on_fewer_seeds_than_they_ran(tmp_path, monkeypatch):
+    for setting, rows in (("a", "bn,3,3\nbnp,3,1\nbnp+agc,1,1\n"), ("b", "bn,3,3\n")):
+        (tmp_path / "results" / setting).mkdir(parents=True)
+        (tmp_path / "results" / setting / "table.csv").write_text("norm,seeds,chosen_on\n" + rows)
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    docs._table.cache_clear()
+    assert docs.screened("a", "b") == "bnp (a)"  # a one-seed row (1 of 1) is not a screen: its seeds say so
+    assert docs.screened("b") == ""
+    docs._table.cache_clear()
