@@ -94,16 +94,19 @@ def evidence(setting: str, *norms: str, batch_size: int | None = None) -> str:
             + f", lr {'/'.join(brackets)}")
 
 
-def screened(*settings: str) -> str:
-    """The rows of these settings whose lr was chosen on fewer seeds than it then ran on (a one-seed
-    screen), e.g. ``bnp+agc and none+agc (cnn-gap-b32-2ep)``; empty when every choice used all seeds."""
+def screened(*settings: str, seeds: int = 3) -> str:
+    """The rows of these settings whose lr was chosen on fewer than ``seeds`` seeds (a one-seed screen,
+    or one seed only), e.g. ``bnp+agc (1 of 3), none+lars (1 of 1) in cnn-gap-b32-2ep``; empty when
+    every choice used ``seeds``. Rows without a choice (``n/a``: nothing completed) are left out."""
     parts = []
     for setting in settings:
         t = _table(setting)
-        if "chosen_on" in t.columns:
-            norms = [r["norm"] for _, r in t.iterrows() if r["chosen_on"] and float(r["chosen_on"]) < float(r["seeds"])]
-            if norms:
-                parts.append(f"{', '.join(norms)} ({setting})")
+        if "chosen_on" not in t.columns:
+            continue
+        chosen, ran = pd.to_numeric(t["chosen_on"], errors="coerce"), pd.to_numeric(t["seeds"], errors="coerce")
+        rows = [f"{norm} ({c:.0f} of {r:.0f})" for norm, c, r in zip(t["norm"], chosen, ran) if c < seeds]
+        if rows:
+            parts.append(f"{', '.join(rows)} in {setting}")
     return "; ".join(parts)
 
 

@@ -245,7 +245,9 @@ def _into(sweep_dir: Path, overrides: list[str], execution: list[str] = ()) -> l
     out_root = Path(sweep_dir).parent.parent
     if out_root.is_relative_to(ROOT):
         out_root = out_root.relative_to(ROOT)
-    return _merged(_merged(overrides, list(execution)), [f"name={Path(sweep_dir).name}", f"out_root={out_root}"])
+    if execution:  # every earlier execution key goes, also one this invocation leaves at its default
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in EXECUTION] + list(execution)
+    return _merged(overrides, [f"name={Path(sweep_dir).name}", f"out_root={out_root}"])
 
 
 # the smoke profile every experiment shares: offline data, a handful of steps, no W&B

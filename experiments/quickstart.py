@@ -23,7 +23,7 @@ GRIDS = [  # (norm, batch size, lrs around the method's best at that batch size)
     {"norm": "bnp", "train.batch_size": "128", "optim.lr": "0.03,0.1,0.3", "train.seed": SEEDS},
     {"norm": "ln", "train.batch_size": "128", "optim.lr": "0.1,0.3,1", "train.seed": SEEDS},
 ]
-SMOKE_GRIDS = [{"norm": "none,bnp", "train.batch_size": "16", "optim.lr": "0.1", "train.seed": "0"}]
+SMOKE_GRIDS = [{"norm": "none,bnp", "train.batch_size": "16", "optim.lr": "0.03,0.1", "train.seed": "0"}]  # 2 lrs: one is extended
 SMOKE_FIXED = ["model.width=16"]  # on top of bnp.sweep.SMOKE
 SETTINGS = {"quickstart": []}  # results/<name>: the arguments that make it (python -m bnp.setting NAME, make run)
 

@@ -11,6 +11,7 @@ full-covariance rule), adam, adam+bnp, shampoo, soap, muon, kron.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -39,16 +40,16 @@ def spread(cell: str) -> float:
     return float(parts[1]) if len(parts) == 2 else 0.0
 
 
-def kind(model: str) -> str:
-    """The model family and head a table label ("cnn-fc 16-32") and a benchmark label ("CNN-fc 16-16-32-32,
-    1x28x28") share: their first word, upper-cased."""
-    return model.split()[0].upper()
+# the table's model label -> the benchmark's (benchmarks/bench_optimizers.py times these two models)
+BENCH_MODEL = {"mlp 3x256": "MLP 784-256-256-256-10", "cnn-fc 16-32": "CNN-fc 16-16-32-32, 1x28x28"}
 
 
 def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     rows = table.assign(method=table["optim"] + table["norm"].map(PRECONDITIONER))
-    ratios = {(kind(model), int(b), m): r for model, b, m, r in bench[["model", "batch", "method", "ratio"]].itertuples(index=False)}
-    rows["step_time_ratio"] = [ratios.get((kind(model), int(b), m), float("nan"))
+    ratios = {(model, int(b), m): r for model, b, m, r in bench[["model", "batch", "method", "ratio"]].itertuples(index=False)}
+    for model in sorted(set(rows["model"]) - set(BENCH_MODEL)):
+        print(f"[compare] warning: no benchmark of {model!r} (BENCH_MODEL): its step_time_ratio is n/a", file=sys.stderr)
+    rows["step_time_ratio"] = [ratios.get((BENCH_MODEL.get(model), int(b), m), float("nan"))
                                for model, b, m in rows[["model", "batch_size", "method"]].itertuples(index=False)]
     order = {m: i for i, m in enumerate(["sgd", "sgd+bnp", "sgd+full", "adam", "adam+bnp", "shampoo", "soap",
                                          "muon", "kron"])}

@@ -72,11 +72,11 @@ def test_wall_time_is_the_last_training_invocations(tmp_path, monkeypatch):
 
 
 def test_screened_names_the_rows_whose_lr_was_chosen_on_fewer_seeds_than_they_ran(tmp_path, monkeypatch):
-    for setting, rows in (("a", "bn,3,3\nbnp,3,1\nbnp+agc,1,1\n"), ("b", "bn,3,3\n")):
+    for setting, rows in (("a", "bn,3,3\nbnp,3,1\nbnp+agc,1,1\nln,n/a,n/a\ngn,3.0,3.0\n"), ("b", "bn,3,3\n")):
         (tmp_path / "results" / setting).mkdir(parents=True)
         (tmp_path / "results" / setting / "table.csv").write_text("norm,seeds,chosen_on\n" + rows)
     monkeypatch.setattr(docs, "ROOT", tmp_path)
     docs._table.cache_clear()
-    assert docs.screened("a", "b") == "bnp (a)"  # a one-seed row (1 of 1) is not a screen: its seeds say so
+    assert docs.screened("a", "b") == "bnp (1 of 3), bnp+agc (1 of 1) in a"  # n/a: no choice made
     assert docs.screened("b") == ""
     docs._table.cache_clear()

@@ -1,5 +1,6 @@
 """Every experiment's smoke variant runs end to end (sweep through the CLI, then its report)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_smoke_variant(name, tmp_path):
         check_another_machine_reports_from_the_archive(name, tmp_path, results)
     for summary in (tmp_path / "sweeps").glob("*/*/summary.json"):
         assert '"status": "completed"' in summary.read_text() or "not_applicable" in summary.read_text(), summary
+    if name in END_TO_END:  # the default suite's pass of bracketing through the driver: 2 lrs, one edge extended
+        extensions = json.loads((tmp_path / "sweeps" / f"{name}_smoke" / "bracket.json").read_text())
+        assert extensions and all(e["low"] + e["high"] >= 1 for e in extensions.values()), extensions
 
 
 def check_a_later_report_keeps_earlier_invocations(name, tmp_path, results):

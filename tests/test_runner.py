@@ -188,7 +188,7 @@ bnp.train.run(cfg, run_dir, progress=kill)
 """
 
 
-@pytest.mark.slow  # the default suite kills and resumes through the CLI in tests/test_faults.py
+@pytest.mark.slow  # the default suite kills and resumes in tests/test_faults.py, and resumes through the CLI below
 def test_resume_after_sigkill_gives_the_uninterrupted_metrics(tmp_path):
     # a healthy run (BNP at batch size 1 at a learning rate that suits it); the victim kills itself at
     # a log point between two checkpoints, so the resumed run must also drop the rows written after
@@ -238,6 +238,14 @@ def test_sigint_leaves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path):
 
     step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["progress"]["step"]
     assert 0 < step < 100000
+    # the same command finds the run and resumes it (stopped again once it says so)
+    again = cli(*args)
+    first = again.stdout.readline()
+    while first and "resuming at step" not in first:
+        first = again.stdout.readline()
+    again.send_signal(signal.SIGINT)
+    rest, _ = again.communicate(timeout=600)
+    assert f"resuming at step {step}/100000" in first, first + rest
 
 
 def test_a_signal_that_comes_as_the_run_ends_is_still_honoured(compose, tmp_path, monkeypatch):

@@ -77,7 +77,8 @@ def test_new_runs_of_a_merged_setting_go_into_its_sweep_not_their_earlier_ones(t
         "experiment=resnet", "norm=gn", "optim.lr=0.3", "train.seed=0", "name=resnet20-b128-6ep", "out_root=outputs"]
     assert _into(tmp_path / "sweeps" / "s", earlier)[-2:] == ["name=s", f"out_root={tmp_path}"]
     # how the new runs execute comes from the invocation that repeats them, not from the earlier runs
-    earlier = ["experiment=cnn", "launcher=basic", "train.threads=4", "norm=bn", "optim.lr=0.1", "train.seed=1,2"]
+    earlier = ["experiment=cnn", "launcher=basic", "++train.threads=4", "train.device=cuda", "norm=bn", "optim.lr=0.1",
+               "train.seed=1,2"]
     assert _into(tmp_path / "sweeps" / "s", earlier, ["launcher=local", "train.threads=1"]) == [
         "experiment=cnn", "norm=bn", "optim.lr=0.1", "train.seed=1,2", "launcher=local", "train.threads=1", "name=s",
         f"out_root={tmp_path}"]
