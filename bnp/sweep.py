@@ -54,6 +54,11 @@ NOT_REPEATED = ("optim.lr", "train.seed", "sweeper")
 EXECUTION = ("launcher", "hydra.launcher.n_jobs", "train.threads", "train.device")
 
 
+def _executes(override: str) -> bool:
+    """Whether an override sets (or with ~ deletes) one of the EXECUTION keys, with Hydra's prefixes."""
+    return override.split("=", 1)[0].lstrip("+~") in EXECUTION
+
+
 def commands(name: str, sweep_name: str, grids: list[dict[str, str]], fixed: list[str], launcher: str,
              out_root: str) -> list[list[str]]:
     """One multirun per grid. An override of a grid key (e.g. ``norm=none,bnp``) replaces that
@@ -246,7 +251,7 @@ def _into(sweep_dir: Path, overrides: list[str], execution: list[str] = ()) -> l
     if out_root.is_relative_to(ROOT):
         out_root = out_root.relative_to(ROOT)
     if execution:  # every earlier execution key goes, also one this invocation leaves at its default
-        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in EXECUTION] + list(execution)
+        overrides = [o for o in overrides if not _executes(o)] + list(execution)
     return _merged(overrides, [f"name={Path(sweep_dir).name}", f"out_root={out_root}"])
 
 
@@ -324,7 +329,7 @@ def run_experiment(name: str, grids: list[dict[str, str]], *, fixed: list[str] =
         written, kept = restore(archive, sweep_dir)
         print(f"[experiment {sweep_name}] restored {archive}: {written} runs written, {kept} kept", flush=True)
     # the follow-up multiruns execute as this invocation does (its launcher runs a multirun's seeds side by side)
-    execution = [f"launcher={launcher}", *(o for o in args.overrides if o.split("=", 1)[0].lstrip("+") in EXECUTION)]
+    execution = [f"launcher={launcher}", *filter(_executes, args.overrides)]
     started = time.time()
     try:
         if not args.report_only:
