@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import subprocess
 import time
@@ -36,10 +37,15 @@ def git_commit() -> str | None:
     return None
 
 
+# An absolute path into another checkout's outputs/ or results/ (a run made from a second work tree
+# whose outputs/ links here) is cut at that folder too; other absolute paths stay as they are.
+_OTHER_CHECKOUT = re.compile(r"""(?<![\w.~-])/(?:[^\s'"=:/]+/)+?(?=(?:outputs|results)(?:/|\s|$|['"]))""")
+
+
 def relative(text: str) -> str:
     """``text`` (a command) with this checkout's absolute paths made relative to it: provenance that
     reads the same on every machine."""
-    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+    return _OTHER_CHECKOUT.sub("", text.replace(f"{ROOT}/", "").replace(str(ROOT), "."))
 
 
 def _append(sweep_dir: Path, record: dict) -> None:

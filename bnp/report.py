@@ -258,7 +258,9 @@ def report(sweep_dir: Path, out: Path, target: float = 0.9, argv: list[str] | No
     (out / "table.tex").write_text(table.to_latex(index=False, escape=True))
     from bnp.provenance import relative
 
-    runs.assign(run=[relative(r) for r in runs["run"]]).to_csv(out / "runs.csv", index=False)
+    runs.assign(run=[relative(r) for r in runs["run"]],
+                overrides=runs["overrides"].map(relative)
+                ).to_csv(out / "runs.csv", index=False)
     every = runs.assign(run=[Path(r).name for r in runs["run"]]).sort_values("run")
     (out / "runs.md").write_text(every[["run", "status", "reason", "best_val_acc", "final_test_acc", "steps"]]
                                  .to_markdown(index=False) + "\n")

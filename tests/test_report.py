@@ -113,6 +113,10 @@ def test_provenance_names_the_checkouts_paths_relative_to_it():
     command = f"python -m bnp.train -m out_root={ROOT}/outputs name=x --results {ROOT}/results/x --cwd {ROOT}"
     assert relative(command) == "python -m bnp.train -m out_root=outputs name=x --results results/x --cwd ."
     assert relative("out_root=/tmp/elsewhere") == "out_root=/tmp/elsewhere"  # other places stay as they are
+    # a second work tree's project folders read as this one's
+    assert relative("out_root=/srv/wt/outputs x=/srv/wt/results/a 'y=/a/b/outputs/s'") == \
+        "out_root=outputs x=results/a 'y=outputs/s'"
+    assert relative("data=/srv/outputs_old/x") == "data=/srv/outputs_old/x"
 
 
 def test_preconditioner_comparison_finds_each_models_step_time_and_dominance():
