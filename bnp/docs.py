@@ -90,7 +90,7 @@ def evidence(setting: str, *norms: str, batch_size: int | None = None) -> str:
     seeds = sorted({whole(r["seeds"]) for r in rows})
     chosen = sorted({whole(r.get("chosen_on", "")) for r in rows} - {""})
     brackets = sorted({r["lr_bracket"].strip("*") for r in rows})
-    return (f"{'/'.join(seeds)} seeds" + (f", lr chosen on {'/'.join(chosen)}" if chosen else "")
+    return (f"{'/'.join(seeds)} seed{'' if seeds == ['1'] else 's'}" + (f", lr chosen on {'/'.join(chosen)}" if chosen else "")
             + f", lr {'/'.join(brackets)}")
 
 

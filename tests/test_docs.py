@@ -80,3 +80,14 @@ def test_screened_names_the_rows_whose_lr_was_chosen_on_fewer_seeds_than_they_ra
     assert docs.screened("a", "b") == "bnp (1 of 3), bnp+agc (1 of 1) in a"  # n/a: no choice made
     assert docs.screened("b") == ""
     docs._table.cache_clear()
+
+
+def test_evidence_names_seeds_choice_and_bracket(tmp_path, monkeypatch):
+    (tmp_path / "results" / "a").mkdir(parents=True)
+    (tmp_path / "results" / "a" / "table.csv").write_text(
+        "norm,seeds,chosen_on,lr_bracket\nbn,3,3,interior\nbnp,3.0,1,edge*\nlars,1,1,interior\n")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    docs._table.cache_clear()
+    assert docs.evidence("a", "bn", "bnp") == "3 seeds, lr chosen on 1/3, lr edge/interior"
+    assert docs.evidence("a", "lars") == "1 seed, lr chosen on 1, lr interior"
+    docs._table.cache_clear()
