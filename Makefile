@@ -48,6 +48,9 @@ SETTING_RUN := $(PY) -m bnp.setting
 fig-digits-mlp-defaults: setup ## the defaults learn: every norm x batch 1/16/128 at default lrs, digits
 	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
+fig-digits-mlp-bnp-b1-lr: setup ## why BNP's default lr is 0.01: batch 1 at higher lrs, with warmup or a larger eps, digits
+	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
+
 fig-mlp-b1-128-2ep: setup ## claims 1-3: MLP on Fashion-MNIST, norms x batch sizes 1..128, 2 epochs
 	$(SETTING_RUN) $(@:fig-%=%) $(ARGS)
 
@@ -105,7 +108,7 @@ bench-optimizers: setup ## step time of each preconditioners method vs plain SGD
 fig-hessian: setup ## claim 5: Hessian condition numbers, none vs bnp, digits + Fashion-MNIST -> results/hessian
 	$(PY) experiments/hessian.py $(ARGS)
 
-reproduce: fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-preconditioners fig-hessian ## every paper-claim experiment
+reproduce: fig-digits-mlp-defaults fig-digits-mlp-bnp-b1-lr fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-preconditioners fig-hessian ## every paper-claim experiment
 
 smoke: setup ## every experiment's tiny offline variant (about a minute each)
 	for e in experiments/*.py; do $(PY) $$e --smoke || exit 1; done
@@ -125,4 +128,4 @@ sync: ## upload offline W&B runs under outputs/ (needs network and `wandb login`
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache && find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-.PHONY: help setup test test-all bench run report table docs sync clean fig-digits-mlp-defaults fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-resnet fig-preconditioners bench-optimizers fig-hessian reproduce smoke
+.PHONY: help setup test test-all bench run report table docs sync clean fig-digits-mlp-defaults fig-digits-mlp-bnp-b1-lr fig-mlp-b1-128-2ep fig-mlp-b1-1ep fig-cnn-gap-b1-1ep fig-cnn-fc-b1-1ep fig-cnn-gap-b128-2ep fig-cnn-gap-b8-1ep fig-cnn-fc-b128-2ep fig-cnn-fc-b8-1ep fig-cnn-classic-b128-1ep fig-cnn-gap-b32-2ep fig-cnn-gap-b128-6ep-momentum fig-resnet20-b128-2ep fig-resnet20-b8-2ep fig-resnet20-b128-6ep fig-resnet20proj-b128-2ep fig-resnet fig-preconditioners bench-optimizers fig-hessian reproduce smoke
