@@ -83,15 +83,28 @@ def gap(setting: str, norm: str, reference: str, batch_size: int | None = None, 
 def evidence(setting: str, *norms: str, batch_size: int | None = None) -> str:
     """How strong a comparison is: the seeds at each method's chosen lr, the seeds the lr was chosen
     on, and whether each chosen lr has a tried lr on both sides (``lr_bracket``)."""
-    rows = [_row(setting, n, batch_size) for n in norms]
+    return evidence_over([(setting, batch_size)], norms)
+
+
+def evidence_over(places: list, norms: list[str]) -> str:
+    """``evidence`` of the rows ``norms`` in several places, each ``(setting, batch_size or None)``:
+    e.g. ``3 seeds, lr chosen on 3, lr interior except diverged-beyond: bnp at batch 128``. The rows
+    whose lr_bracket is not ``interior`` are named, so a reader sees which choice lies at an edge."""
+    rows = [(s, b, n, _row(s, n, b)) for s, b in places for n in norms]
     def whole(text: str) -> str:  # "3.0" (a float column beside a NaN) reads "3"
         return text[:-2] if text.endswith(".0") else text
 
-    seeds = sorted({whole(r["seeds"]) for r in rows})
-    chosen = sorted({whole(r.get("chosen_on", "")) for r in rows} - {""})
-    brackets = sorted({r["lr_bracket"].strip("*") for r in rows})
+    seeds = sorted({whole(r["seeds"]) for *_, r in rows})
+    chosen = sorted({whole(r.get("chosen_on", "")) for *_, r in rows} - {""})
+    several_settings, several_batches = len({s for s, _ in places}) > 1, len({b for _, b in places}) > 1
+    named: dict[str, list[str]] = {}
+    for s, b, n, r in rows:
+        label = n + (f" at batch {b}" if several_batches and b is not None else "") + (f" in {s}" if several_settings else "")
+        named.setdefault(r["lr_bracket"].strip("*"), []).append(label)
+    odd = "; ".join(f"{kind}: {', '.join(labels)}" for kind, labels in sorted(named.items()) if kind != "interior")
+    bracket = "interior" + (f" except {odd}" if odd else "") if "interior" in named else odd
     return (f"{'/'.join(seeds)} seed{'' if seeds == ['1'] else 's'}" + (f", lr chosen on {'/'.join(chosen)}" if chosen else "")
-            + f", lr {'/'.join(brackets)}")
+            + f", lr {bracket}")
 
 
 def screened(*settings: str, seeds: int = 3) -> str:
@@ -173,7 +186,7 @@ def wall_time(setting: str) -> str:
 def render(name: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, screened=screened,
+    env.globals.update(table=table, cell=cell, mean=mean, acc=acc, gap=gap, evidence=evidence, evidence_over=evidence_over, screened=screened,
                        csv_table=csv_table, lookup=lookup, records=records, wall_time=wall_time)
     try:
         text = env.get_template(f"{name}.md.j2").render()

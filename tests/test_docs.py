@@ -88,6 +88,12 @@ def test_evidence_names_seeds_choice_and_bracket(tmp_path, monkeypatch):
         "norm,seeds,chosen_on,lr_bracket\nbn,3,3,interior\nbnp,3.0,1,edge*\nlars,1,1,interior\n")
     monkeypatch.setattr(docs, "ROOT", tmp_path)
     docs._table.cache_clear()
-    assert docs.evidence("a", "bn", "bnp") == "3 seeds, lr chosen on 1/3, lr edge/interior"
+    assert docs.evidence("a", "bn", "bnp") == "3 seeds, lr chosen on 1/3, lr interior except edge: bnp"
     assert docs.evidence("a", "lars") == "1 seed, lr chosen on 1, lr interior"
+    assert docs.evidence("a", "bnp") == "3 seeds, lr chosen on 1, lr edge: bnp"
+    (tmp_path / "results" / "b").mkdir()
+    (tmp_path / "results" / "b" / "table.csv").write_text(
+        "norm,batch_size,seeds,chosen_on,lr_bracket\nbn,8,3,3,interior\nbn,128,3,3,diverged-beyond\n")
+    assert docs.evidence_over([("a", None), ("b", 8), ("b", 128)], ["bn"]) == \
+        "3 seeds, lr chosen on 3, lr interior except diverged-beyond: bn at batch 128 in b"
     docs._table.cache_clear()

@@ -41,6 +41,6 @@ def test_results_directories_are_settings_not_reruns():
     names = [p.name for p in (ROOT / "results").iterdir() if p.is_dir()]
     assert not [n for n in names if n.endswith(("_seeds", "_edges", "_lars"))]
     assert all((ROOT / "results" / n / "PROVENANCE.md").exists() for n in names), names
-    for runs in (ROOT / "results").glob("*/runs.csv"):
+    for runs in (ROOT / "results").rglob("runs.csv"):  # nested ones too
         header = runs.read_text().splitlines()[0].split(",")
         assert {"commit", "overrides"} <= set(header), runs
