@@ -1,5 +1,6 @@
 """The preconditioner comparison's table and figure: each method's test accuracy at its chosen lr
-(results/preconditioners/table.csv, the sweep's report) beside its step time as a ratio to plain
+(results/preconditioners/table.csv, the sweep's report; the fc-head CNN's plain SGD and SGD + BNP
+from results/cnn-fc-b128-2ep, where those same runs live) beside its step time as a ratio to plain
 SGD measured in one process (results/bench/optimizers-<device>.csv, benchmarks/bench_optimizers.py).
 
     python scripts/compare_preconditioners.py            # -> results/preconditioners/comparison.{md,csv}, accuracy_vs_cost.png
@@ -22,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECONDITIONER = {"none": "", "bnp": "+bnp", "bnp_full": "+full"}
-COLUMNS = ["model", "batch_size", "method", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "acc_mean", "vs_sgd",
+COLUMNS = ["model", "batch_size", "method", "source", "lr", "lr_bracket", "seeds", "chosen_on", "test_acc", "acc_mean", "vs_sgd",
            "prequential_acc", "steps_to_0.85", "step_time_ratio", "dominated_by"]
 TIMING_TOLERANCE = 0.1  # step-time ratios within 10% count as equal cost: repeated benchmark runs move them that much
 
@@ -40,12 +41,30 @@ def spread(cell: str) -> float:
     return float(parts[1]) if len(parts) == 2 else 0.0
 
 
+# rows trained once, in another setting: the fc-head CNN's plain SGD and SGD + BNP at batch 128 (2 epochs) are
+# the runs of results/cnn-fc-b128-2ep (norm none and bnp), the same configs, so the comparison reads them there
+BORROWED = {"cnn-fc-b128-2ep": ["none", "bnp"]}
+
+
+def borrowed(results: Path, settings: dict[str, list[str]]) -> pd.DataFrame:
+    """The rows ``settings`` names ({setting directory: norms}) from their own tables, each with its
+    ``source``; rows already in the comparison's table are not read twice."""
+    frames = []
+    for setting, norms in settings.items():
+        table = pd.read_csv(results / setting / "table.csv", dtype={"config": str})
+        frames.append(table[table["norm"].isin(norms) & (table["optim"] == "sgd")].assign(source=setting))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 # the table's model label -> the benchmark's (benchmarks/bench_optimizers.py times these two models)
 BENCH_MODEL = {"mlp 3x256": "MLP 784-256-256-256-10", "cnn-fc 16-32": "CNN-fc 16-16-32-32, 1x28x28"}
 
 
 def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     rows = table.assign(method=table["optim"] + table["norm"].map(PRECONDITIONER))
+    keys = ["model", "batch_size", "method"]
+    if rows.duplicated(keys).any():
+        raise ValueError(f"two rows for one method: {rows[rows.duplicated(keys, keep=False)][keys].values.tolist()}")
     ratios = {(model, int(b), m): r for model, b, m, r in bench[["model", "batch", "method", "ratio"]].itertuples(index=False)}
     for model in sorted(set(rows["model"]) - set(BENCH_MODEL)):
         print(f"[compare] warning: no benchmark of {model!r} (BENCH_MODEL): its step_time_ratio is n/a", file=sys.stderr)
@@ -99,11 +118,14 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "preconditioners")
     parser.add_argument("--bench", type=Path, default=ROOT / "results" / "bench" / "optimizers-cpu.csv")
     args = parser.parse_args()
-    frame = comparison(pd.read_csv(args.results / "table.csv", dtype={"config": str}), pd.read_csv(args.bench))
+    own = pd.read_csv(args.results / "table.csv", dtype={"config": str}).assign(source=args.results.name)
+    table = pd.concat([own, borrowed(args.results.parent, BORROWED)], ignore_index=True)
+    frame = comparison(table, pd.read_csv(args.bench))
     frame.to_csv(args.results / "comparison.csv", index=False)
     command = "python scripts/compare_preconditioners.py"
     (args.results / "comparison.md").write_text(
-        f"Made by `{command}` from `table.csv` and `{args.bench.relative_to(ROOT)}`.\n\n"
+        f"Made by `{command}` from `table.csv`, the rows of {', '.join(f'results/{k}' for k in BORROWED)} "
+        f"named in `source`, and `{args.bench.relative_to(ROOT)}`.\n\n"
         + frame.fillna("n/a").to_markdown(index=False, disable_numparse=True) + "\n")
     figure(frame, args.results / "accuracy_vs_cost.png")
     print(frame.fillna("n/a").to_markdown(index=False, disable_numparse=True))

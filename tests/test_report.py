@@ -144,3 +144,26 @@ def test_preconditioner_comparison_finds_each_models_step_time_and_dominance():
     assert frame.loc[("cnn-fc 16-32", "shampoo"), "dominated_by"] == "sgd+bnp"  # less accurate at 13x the cost
     assert frame.loc[("cnn-fc 16-32", "sgd+bnp"), "dominated_by"] == ""
     assert math.isnan(frame.loc[("cnn-fc 32-64-128", "sgd+bnp"), "step_time_ratio"])  # another CNN: not benchmarked
+
+
+def test_preconditioner_comparison_borrows_rows_trained_in_another_setting(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "compare_preconditioners.py"
+    spec = importlib.util.spec_from_file_location("compare_preconditioners", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "cnn").mkdir()
+    rows = [("cnn-fc 16-32", norm, optim, acc) for norm, optim, acc in
+            (("none", "sgd", "0.80 ± 0.01"), ("bnp", "sgd", "0.85 ± 0.01"), ("bn", "sgd", "0.86 ± 0.01"),
+             ("none", "adam", "0.70 ± 0.01"))]
+    pd.DataFrame([{"model": m, "batch_size": 128, "norm": n, "optim": o, "lr": 0.1, "lr_bracket": "interior",
+                   "seeds": 3, "chosen_on": 3, "test_acc": a} for m, n, o, a in rows]).to_csv(tmp_path / "cnn" / "table.csv",
+                                                                                           index=False)
+    got = module.borrowed(tmp_path, {"cnn": ["none", "bnp"]})
+    assert sorted(got["norm"]) == ["bnp", "none"] and set(got["source"]) == {"cnn"}  # sgd only, the norms named
+    twice = pd.concat([got, got])
+    with pytest.raises(ValueError, match="two rows for one method"):
+        module.comparison(twice, pd.DataFrame(columns=["model", "batch", "method", "ratio"]))
+
