@@ -47,8 +47,8 @@ BORROWED = {"cnn-fc-b128-2ep": ["none", "bnp"]}
 
 
 def borrowed(results: Path, settings: dict[str, list[str]]) -> pd.DataFrame:
-    """The rows ``settings`` names ({setting directory: norms}) from their own tables, each with its
-    ``source``; rows already in the comparison's table are not read twice."""
+    """The plain-SGD rows ``settings`` names ({setting directory: norms}) from their own tables, each
+    with its ``source`` (``comparison`` refuses a method that arrives from two places)."""
     frames = []
     for setting, norms in settings.items():
         table = pd.read_csv(results / setting / "table.csv", dtype={"config": str})
