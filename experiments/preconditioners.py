@@ -14,7 +14,8 @@ train.eval_every=null --name preconditioners-2ep` trains 2 epochs at every batch
 full-covariance rule, norm=bnp_full), adam, adam+bnp, shampoo, soap, muon, kron (pytorch-optimizer,
 their documented defaults). Each method's lrs move down the 1-3-10 ladder with the batch size (BATCH_SHIFT); every grid runs 3 seeds and is bracketed.
 GRIDS lists them in the order batch 128, 8, 1 (9 methods each: ``--grids 1,2,3,4,5,6,7,8,9`` is the MLP at
-batch 128), then the CNN's 7 (grids 28-34): its plain SGD and SGD + BNP are the runs of results/cnn-fc-b128-2ep.
+batch 128), then the CNN's 7 (grids 28-34, batch 128's lrs but CNN_LRS): its plain SGD and SGD + BNP are the runs of
+results/cnn-fc-b128-2ep.
 Step cost: benchmarks/bench_optimizers.py times each method against plain SGD in one process;
 scripts/compare_preconditioners.py (run at the end) puts it beside the table: comparison.{md,csv},
 accuracy_vs_cost.png.
@@ -52,8 +53,9 @@ def shifted(lr: float, steps: int) -> str:
 SMALL_BATCH = {"train.steps": "1000", "train.eval_every": "250"}  # batch 1 and 8: 1000 updates, 4 evaluations
 
 
-def grid(method: str, batch_size: int, **fixed: str) -> dict[str, str]:
-    norm, optim, lrs = METHODS[method]
+def grid(method: str, batch_size: int, lrs: tuple[float, ...] | None = None, **fixed: str) -> dict[str, str]:
+    norm, optim, usual = METHODS[method]
+    lrs = lrs or usual
     budget = SMALL_BATCH if batch_size < 128 else {}
     return {"norm": norm, "optim": optim, "train.batch_size": str(batch_size), **budget,
             "optim.lr": ",".join(shifted(lr, BATCH_SHIFT[batch_size]) for lr in lrs), **fixed, "train.seed": SEEDS}
@@ -62,8 +64,11 @@ def grid(method: str, batch_size: int, **fixed: str) -> dict[str, str]:
 # the fc-head CNN's plain SGD and SGD + BNP are results/cnn-fc-b128-2ep's runs (the same configs): not trained
 # twice, the comparison reads them there (scripts/compare_preconditioners.py, BORROWED)
 CNN_ELSEWHERE = ("sgd", "sgd+bnp")
-GRIDS = [grid(m, b) for b in (128, 8, 1) for m in METHODS] + [grid(m, 128, model="cnn") for m in METHODS
-                                                                 if m not in CNN_ELSEWHERE]
+# Shampoo's MLP grids chose 0.1-0.3 after 3-4 extensions; on the CNN (about 0.7 s a step on one core) its grid
+# starts around the MLP's batch-128 choice instead, and bracketing still extends either edge
+CNN_LRS = {"shampoo": (0.1, 0.3, 1.0)}
+GRIDS = [grid(m, b) for b in (128, 8, 1) for m in METHODS] + [grid(m, 128, CNN_LRS.get(m), model="cnn")
+                                                                 for m in METHODS if m not in CNN_ELSEWHERE]
 SMOKE_GRIDS = [{"norm": norm, "optim": optim, "optim.lr": "0.003", "train.seed": "0"}
                for norm, optim, _ in METHODS.values()]
 SMOKE_FIXED = ["model.width=16", "train.batch_size=8"]  # on top of bnp.sweep.SMOKE

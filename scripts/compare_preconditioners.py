@@ -43,15 +43,22 @@ def spread(cell: str) -> float:
 
 # rows trained once, in another setting: the fc-head CNN's plain SGD and SGD + BNP at batch 128 (2 epochs) are
 # the runs of results/cnn-fc-b128-2ep (norm none and bnp), the same configs, so the comparison reads them there
-BORROWED = {"cnn-fc-b128-2ep": ["none", "bnp"]}
+BORROWED = {"cnn-fc-b128-2ep": ("cnn-fc 16-32", ["none", "bnp"])}  # setting -> (its model, norms)
 
 
-def borrowed(results: Path, settings: dict[str, list[str]]) -> pd.DataFrame:
-    """The plain-SGD rows ``settings`` names ({setting directory: norms}) from their own tables, each
-    with its ``source`` (``comparison`` refuses a method that arrives from two places)."""
+def borrowed(results: Path, settings: dict[str, tuple[str, list[str]]], models) -> pd.DataFrame:
+    """The plain-SGD rows ``settings`` names ({setting directory: (model, norms)}) from their own tables,
+    each with its ``source`` (``comparison`` refuses a method that arrives from two places); only for the
+    ``models`` this comparison has (a variant without the CNN, e.g. the smoke run, borrows nothing)."""
     frames = []
-    for setting, norms in settings.items():
-        table = pd.read_csv(results / setting / "table.csv", dtype={"config": str})
+    for setting, (model, norms) in settings.items():
+        if model not in set(models):
+            continue
+        path = results / setting / "table.csv"
+        if not path.is_file():
+            sys.exit(f"[compare] {path} is missing: its {model} rows ({', '.join(norms)}) complete this comparison; "
+                     f"make it with `python -m bnp.setting {setting} --restore --report-only` (or make fig-{setting})")
+        table = pd.read_csv(path, dtype={"config": str})
         frames.append(table[table["norm"].isin(norms) & (table["optim"] == "sgd")].assign(source=setting))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -119,7 +126,7 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=ROOT / "results" / "bench" / "optimizers-cpu.csv")
     args = parser.parse_args()
     own = pd.read_csv(args.results / "table.csv", dtype={"config": str}).assign(source=args.results.name)
-    table = pd.concat([own, borrowed(args.results.parent, BORROWED)], ignore_index=True)
+    table = pd.concat([own, borrowed(args.results.parent, BORROWED, own["model"])], ignore_index=True)
     frame = comparison(table, pd.read_csv(args.bench))
     frame.to_csv(args.results / "comparison.csv", index=False)
     command = "python scripts/compare_preconditioners.py"

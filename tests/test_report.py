@@ -161,8 +161,12 @@ def test_preconditioner_comparison_borrows_rows_trained_in_another_setting(tmp_p
     pd.DataFrame([{"model": m, "batch_size": 128, "norm": n, "optim": o, "lr": 0.1, "lr_bracket": "interior",
                    "seeds": 3, "chosen_on": 3, "test_acc": a} for m, n, o, a in rows]).to_csv(tmp_path / "cnn" / "table.csv",
                                                                                            index=False)
-    got = module.borrowed(tmp_path, {"cnn": ["none", "bnp"]})
+    got = module.borrowed(tmp_path, {"cnn": ("cnn-fc 16-32", ["none", "bnp"])}, ["mlp 3x256", "cnn-fc 16-32"])
     assert sorted(got["norm"]) == ["bnp", "none"] and set(got["source"]) == {"cnn"}  # sgd only, the norms named
+    # a comparison without that model (the smoke run's) borrows nothing, and reads nothing: no such setting here
+    assert module.borrowed(tmp_path, {"absent": ("cnn-fc 16-32", ["none"])}, ["mlp 3x16"]).empty
+    with pytest.raises(SystemExit, match="absent/table.csv is missing"):
+        module.borrowed(tmp_path, {"absent": ("cnn-fc 16-32", ["none"])}, ["cnn-fc 16-32"])
     twice = pd.concat([got, got])
     with pytest.raises(ValueError, match="two rows for one method"):
         module.comparison(twice, pd.DataFrame(columns=["model", "batch", "method", "ratio"]))
