@@ -269,6 +269,10 @@ class Trainer:
                     f"(train.diverge_factor)")
         return None
 
+    def _nonfinite_grads(self) -> str | None:
+        bad = [name for name, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+        return f"non-finite gradients: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else None
+
     def _evaluate(self) -> str | None:
         d, bs = self.data, self.cfg.eval_batch_size
         val_loss, val_acc = evaluate(self.model, d.val_x, d.val_y, bs, self.autocast)
@@ -309,7 +313,19 @@ class Trainer:
         if self.graph is not None:
             self.graph.start()
         while self.step < self.total_steps:
-            self.train_step()
+            try:
+                self.train_step()
+            except (RuntimeError, ValueError) as err:  # torch.linalg.LinAlgError is a RuntimeError
+                # an optimizer that factors its statistics (Shampoo's SVD) can raise on a blow-up before the
+                # next train row sees it: by the divergence rule (the loss so far in this log interval, the
+                # parameters, and here the gradients too) that run diverged, it did not fail
+                why = self._divergence(self.loss_sum.item() / (self.loss_count + 1)) or self._nonfinite_grads()
+                if why is None:
+                    raise
+                self.status = "diverged"
+                self.reason = f"step {self.step + 1}: {why}; the step raised {type(err).__name__}: " \
+                              f"{str(err).splitlines()[0][:120]}"
+                return
             self.step += 1
             samples += self.local_batch
             if self.graph is not None:

@@ -113,6 +113,29 @@ def test_divergence_stops_the_run_with_the_step_and_the_reason(compose, tmp_path
     assert f"DIVERGED at step {summary['steps']}: " in capsys.readouterr().out
 
 
+def test_an_optimizer_that_raises_on_a_blow_up_marks_the_run_diverged(compose, tmp_path, monkeypatch):
+    # an optimizer that factors its statistics (Shampoo's SVD) can raise on a blow-up before the next train
+    # row sees it: that run diverged. Here SGD's 5th step raises as such a factorization would; train rows
+    # come every 50 steps, so only the runner's check at the raise can tell
+    real_step, calls = torch.optim.SGD.step, []
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    base = [*TINY, "data=synthetic", "norm=none", "train.steps=50", "train.log_every=50"]
+    summary = run(compose(*base, "optim.lr=1e8"), tmp_path / "blown")
+    assert summary["status"] == "diverged" and summary["steps"] == 4, summary
+    assert summary["reason"].startswith("step 5: ") and "the step raised _LinAlgError" in summary["reason"], summary
+    calls.clear()  # the same raise in a healthy run is a failure, as any other error
+    with pytest.raises(torch.linalg.LinAlgError):
+        run(compose(*base, "optim.lr=0.01"), tmp_path / "healthy")
+
+
 def test_a_loss_that_blows_up_without_overflowing_is_diverged(compose, tmp_path, capsys):
     # plain SGD at lr 100 on digits: the train loss reaches about 1e24 while staying finite
     base = ["logger=none", "model.width=32", "norm=none", "optim.lr=100", "train.steps=300", "train.log_every=20"]
