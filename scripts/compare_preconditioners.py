@@ -69,6 +69,8 @@ BENCH_MODEL = {"mlp 3x256": "MLP 784-256-256-256-10", "cnn-fc 16-32": "CNN-fc 16
 
 def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     rows = table.assign(method=table["optim"] + table["norm"].map(PRECONDITIONER))
+    # counts stay integers beside a row not yet run (whose cells are empty)
+    rows = rows.astype({c: "Int64" for c in ("seeds", "chosen_on") if c in rows.columns}).astype({c: object for c in ("seeds", "chosen_on") if c in rows.columns})
     keys = ["model", "batch_size", "method"]
     if rows.duplicated(keys).any():
         raise ValueError(f"two rows for one method: {rows[rows.duplicated(keys, keep=False)][keys].values.tolist()}")
@@ -82,7 +84,7 @@ def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     rows = rows.assign(_order=rows["method"].map(order)).sort_values(["model", "batch_size", "_order"])
     rows["acc_mean"] = rows["test_acc"].map(mean)
     sgd = rows[rows["method"] == "sgd"].set_index(["model", "batch_size"])["acc_mean"]
-    rows["vs_sgd"] = [f"{100 * (a - sgd[(m, b)]):+.1f}" if (m, b) in sgd.index else "n/a"
+    rows["vs_sgd"] = [f"{100 * (a - sgd[(m, b)]):+.1f}" if (m, b) in sgd.index and a == a else "n/a"
                       for m, b, a in rows[["model", "batch_size", "acc_mean"]].itertuples(index=False)]
     rows["dominated_by"] = [", ".join(dominating(rows, row)) if row["step_time_ratio"] == row["step_time_ratio"]
                             else "n/a (no step time)" for _, row in rows.iterrows()]
@@ -133,9 +135,9 @@ def main() -> None:
     (args.results / "comparison.md").write_text(
         f"Made by `{command}` from `table.csv`, the rows of {', '.join(f'results/{k}' for k in BORROWED)} "
         f"named in `source`, and `{args.bench.relative_to(ROOT)}`.\n\n"
-        + frame.fillna("n/a").to_markdown(index=False, disable_numparse=True) + "\n")
+        + frame.astype(object).fillna("n/a").to_markdown(index=False, disable_numparse=True) + "\n")
     figure(frame, args.results / "accuracy_vs_cost.png")
-    print(frame.fillna("n/a").to_markdown(index=False, disable_numparse=True))
+    print(frame.astype(object).fillna("n/a").to_markdown(index=False, disable_numparse=True))
 
 
 if __name__ == "__main__":
