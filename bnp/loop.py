@@ -261,17 +261,18 @@ class Trainer:
             return f"train loss is {loss}"
         finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
         if not finite.item():
-            bad = [name for name, p in self.model.named_parameters() if not p.detach().isfinite().all()]
-            return f"non-finite parameters: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+            return self._nonfinite("parameters", {name: p for name, p in self.model.named_parameters()})
         factor, start = self.cfg.diverge_factor, self.initial_loss
         if factor is not None and start is not None and loss > factor * start:
             return (f"train loss {loss:.3g} > {factor:g} x the untrained model's validation loss {start:.3g} "
                     f"(train.diverge_factor)")
         return None
 
-    def _nonfinite_grads(self) -> str | None:
-        bad = [name for name, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-        return f"non-finite gradients: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else None
+    @staticmethod
+    def _nonfinite(kind: str, tensors: dict[str, torch.Tensor | None]) -> str | None:
+        """``non-finite <kind>: <the first three names>`` for those of ``tensors`` with a NaN/inf, else None."""
+        bad = [name for name, t in tensors.items() if t is not None and not t.detach().isfinite().all()]
+        return f"non-finite {kind}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else None
 
     def _evaluate(self) -> str | None:
         d, bs = self.data, self.cfg.eval_batch_size
@@ -319,7 +320,7 @@ class Trainer:
                 # an optimizer that factors its statistics (Shampoo's SVD) can raise on a blow-up before the
                 # next train row sees it: by the divergence rule (the loss so far in this log interval, the
                 # parameters, and here the gradients too) that run diverged, it did not fail
-                why = self._divergence(self.loss_sum.item() / (self.loss_count + 1)) or self._nonfinite_grads()
+                why = self._divergence(self.loss_sum.item() / (self.loss_count + 1)) or self._nonfinite("gradients", {name: p.grad for name, p in self.model.named_parameters()})
                 if why is None:
                     raise
                 self.status = "diverged"

@@ -51,8 +51,9 @@ def borrowed(results: Path, settings: dict[str, tuple[str, list[str]]], models) 
     each with its ``source`` (``comparison`` refuses a method that arrives from two places); only for the
     ``models`` this comparison has (a variant without the CNN, e.g. the smoke run, borrows nothing)."""
     frames = []
+    models = set(models)
     for setting, (model, norms) in settings.items():
-        if model not in set(models):
+        if model not in models:
             continue
         path = results / setting / "table.csv"
         if not path.is_file():
@@ -70,7 +71,8 @@ BENCH_MODEL = {"mlp 3x256": "MLP 784-256-256-256-10", "cnn-fc 16-32": "CNN-fc 16
 def comparison(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
     rows = table.assign(method=table["optim"] + table["norm"].map(PRECONDITIONER))
     # counts stay integers beside a row not yet run (whose cells are empty)
-    rows = rows.astype({c: "Int64" for c in ("seeds", "chosen_on") if c in rows.columns}).astype({c: object for c in ("seeds", "chosen_on") if c in rows.columns})
+    counts = [c for c in ("seeds", "chosen_on") if c in rows.columns]
+    rows[counts] = rows[counts].astype("Int64").astype(object)
     keys = ["model", "batch_size", "method"]
     if rows.duplicated(keys).any():
         raise ValueError(f"two rows for one method: {rows[rows.duplicated(keys, keep=False)][keys].values.tolist()}")
@@ -132,12 +134,12 @@ def main() -> None:
     frame = comparison(table, pd.read_csv(args.bench))
     frame.to_csv(args.results / "comparison.csv", index=False)
     command = "python scripts/compare_preconditioners.py"
+    markdown = frame.astype(object).fillna("n/a").to_markdown(index=False, disable_numparse=True)
     (args.results / "comparison.md").write_text(
         f"Made by `{command}` from `table.csv`, the rows of {', '.join(f'results/{k}' for k in BORROWED)} "
-        f"named in `source`, and `{args.bench.relative_to(ROOT)}`.\n\n"
-        + frame.astype(object).fillna("n/a").to_markdown(index=False, disable_numparse=True) + "\n")
+        f"named in `source`, and `{args.bench.relative_to(ROOT)}`.\n\n" + markdown + "\n")
     figure(frame, args.results / "accuracy_vs_cost.png")
-    print(frame.astype(object).fillna("n/a").to_markdown(index=False, disable_numparse=True))
+    print(markdown)
 
 
 if __name__ == "__main__":
